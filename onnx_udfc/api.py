@@ -1,0 +1,104 @@
+"""Python API: `compress(model, prune=..., bits=..., method=...) -> (compressed ModelProto, Report)`."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from .config import Options
+from .errors import PassError, ValidationFailed
+from .ir.graph import Graph
+from .ir.io import check_supported
+from .ir.layers import LINEAR_OPS, read_layer
+from .ir.shapes import resolve_input_shapes
+from .passes.base import PassContext, PassManager
+from .passes.compress import CleanupPass, CompressLayersPass, StatisticsPass
+from .passes.fold_bn import FoldBatchNormPass
+from .passes.normalize import NormalizeGraphPass
+from .report.metrics import count_macs, count_params
+from .report.report import ModelSize, Report
+
+log = logging.getLogger(__name__)
+
+
+def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method: str = "udfc",
+             input_shapes: Optional[Dict[str, tuple]] = None, validate: bool = True,
+             max_rel_error: Optional[float] = None, seed: int = 0,
+             **options) -> Tuple[onnx.ModelProto, Report]:
+    """Compress `model` (not modified) and return the new model and its report.
+
+    prune: fraction of channels removed per prunable chain; bits: 2..8 or 32 (off); method: none, mean,
+    merge or udfc. Other keywords are `Options` fields (select, grid, clip, rounding, bias_correction,
+    first_last_bits, ridge, selection_ridge, debug). With `validate`, both models run in onnxruntime on
+    seeded synthetic inputs and the metrics go into `report.validation`; `max_rel_error` turns a larger
+    relative L2 error on any output into `ValidationFailed`.
+    Raises UsageError / BadModelError / PassError / ValidationFailed (all `UdfcError`).
+    """
+    start = time.perf_counter()
+    opts = Options(prune=prune, bits=bits, method=method, input_shapes=dict(input_shapes or {}), **options).validate()
+    check_supported(model)
+    shapes = resolve_input_shapes(model, opts.input_shapes)
+    before = ModelSize(count_params(model), model.ByteSize(), count_macs(model, shapes))
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = Graph(out)
+    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes)
+    records = []
+    if opts.prune > 0 or opts.quantize:
+        passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
+        records = PassManager(passes, debug=opts.debug).run(ctx)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as exc:
+        raise PassError(f"compressed model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
+    compress_seconds = time.perf_counter() - start
+
+    report = Report(
+        options=opts.to_dict(),
+        statistics_source=ctx.stats.source if ctx.stats is not None else "not needed",
+        before=before,
+        after=ModelSize(count_params(out), out.ByteSize(), count_macs(out, shapes)),
+        layers=_layer_records(ctx),
+        passes=records,
+        notes=list(ctx.notes),
+    )
+    report.seconds["compress"] = round(compress_seconds, 4)
+    if validate:
+        from .validate.compare import compare_models
+
+        t0 = time.perf_counter()
+        metrics = compare_models(model, out, shapes, seed=seed)
+        report.validation = {"inputs": "seeded standard normal, batch 8", "seed": seed, "outputs": metrics}
+        report.seconds["validate"] = round(time.perf_counter() - t0, 4)
+        if max_rel_error is not None:
+            worst = max((m["rel_l2_error"] for m in metrics.values()), default=0.0)
+            report.validation["max_rel_error"] = max_rel_error
+            report.validation["passed"] = bool(worst <= max_rel_error)
+            if worst > max_rel_error:
+                raise ValidationFailed(
+                    f"relative L2 error {worst:.4g} exceeds --max-rel-error {max_rel_error}", report)
+    return out, report
+
+
+def _layer_records(ctx: PassContext):
+    """Per-layer records in graph order, with the final weight count and bit-width of linear layers."""
+    graph = ctx.graph.refresh()
+    ordered = []
+    seen = set()
+    for node in graph.topological_nodes():
+        key = node.name or (node.output[0] if node.output else "")
+        if node.op_type in LINEAR_OPS:
+            record = ctx.layer(node)
+            layer = read_layer(graph, node)
+            if layer is not None:
+                record["weights"] = int(np.prod(layer.rows.shape))
+                record.setdefault("bits", 32)
+        if key in ctx.layers and key not in seen:
+            ordered.append(ctx.layers[key])
+            seen.add(key)
+    ordered.extend(v for k, v in ctx.layers.items() if k not in seen)
+    return ordered

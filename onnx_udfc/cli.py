@@ -1,0 +1,140 @@
+"""`onnx-udfc IN OUT [flags]`: flags -> Options -> compress -> save -> report -> exit code.
+
+Exit codes: 0 done; 1 validation above --max-rel-error (output not written); 2 usage error;
+3 bad input model; 4 internal error (a pass failed; --debug shows the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from typing import List, Optional
+
+from . import __version__
+from .config import CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS
+from .errors import UdfcError, UsageError, ValidationFailed
+
+log = logging.getLogger("onnx_udfc")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, like every other usage error
+        self.exit(2, f"onnx-udfc: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="onnx-udfc", description="Data-free structured pruning and weight quantization of ONNX "
+                "CNNs with closed-form compensation from BatchNorm statistics.")
+    p.add_argument("input", help="input .onnx model (never modified)")
+    p.add_argument("output", help="output .onnx model (written atomically)")
+    p.add_argument("--prune", type=float, default=0.0, metavar="R",
+                   help="fraction of channels to remove from every prunable chain, 0 <= R < 1 (default 0)")
+    p.add_argument("--bits", type=int, default=32, metavar="B", help="weight bits 2..8, or 32 for none (default 32)")
+    p.add_argument("--method", choices=METHODS, default="udfc", help="compensation (default udfc)")
+    p.add_argument("--select", choices=SELECTIONS, default="expected-error",
+                   help="which channels to remove (default expected-error)")
+    p.add_argument("--grid", choices=GRIDS, default="asymmetric", help="quantization grid (default asymmetric)")
+    p.add_argument("--clip", choices=CLIPS, default="mse", help="range clipping (default mse, input-weighted)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="balanced", help="rounding (default balanced)")
+    p.add_argument("--no-bias-correction", action="store_true", help="skip quantization bias correction")
+    p.add_argument("--first-last-bits", type=int, default=8, metavar="B",
+                   help="bits of the first and last layers (default 8; 0 = same as --bits)")
+    p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
+                   help="shape of an input with dynamic dimensions (repeatable)")
+    p.add_argument("--report", metavar="PATH", help="write the JSON report here")
+    p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison (checker still runs)")
+    p.add_argument("--max-rel-error", type=float, default=None, metavar="E",
+                   help="exit 1 (and write no model) when an output's relative L2 error exceeds E")
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
+    p.add_argument("--verbose", "-v", action="store_true", help="log progress")
+    p.add_argument("--debug", action="store_true", help="check the model after every pass; tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"onnx-udfc {__version__}")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
+                        format="onnx-udfc: %(levelname)s: %(message)s")
+    try:
+        return _run(args)
+    except ValidationFailed as exc:
+        if exc.report is not None:
+            _emit_report(args, exc.report)
+        print(f"onnx-udfc: validation failed: {exc} (output not written)", file=sys.stderr)
+        return exc.exit_code
+    except UdfcError as exc:
+        if args.debug:
+            raise
+        print(f"onnx-udfc: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except MemoryError:
+        print("onnx-udfc: error: out of memory", file=sys.stderr)
+        return 4
+    except KeyboardInterrupt:
+        print("onnx-udfc: interrupted (output not written)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for users; --debug shows it
+        if args.debug:
+            raise
+        print(f"onnx-udfc: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for details)", file=sys.stderr)
+        return 4
+
+
+def _run(args) -> int:
+    from .api import compress
+    from .ir.io import load_model, save_model
+    from .ir.shapes import parse_input_shapes
+
+    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+        raise UsageError("output path is the input file; the input is never overwritten")
+    if os.path.abspath(args.input) == os.path.abspath(args.output):
+        raise UsageError("output path is the input file; the input is never overwritten")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UsageError(f"output folder does not exist: {out_dir}")
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"output folder is not writable: {out_dir}")
+    if args.first_last_bits < 0:
+        raise UsageError("--first-last-bits must be >= 0")
+    shapes = parse_input_shapes(args.input_shape)
+    t0 = time.perf_counter()
+    model = load_model(args.input)
+    load_seconds = time.perf_counter() - t0
+    compressed, report = compress(
+        model, prune=args.prune, bits=args.bits, method=args.method, input_shapes=shapes,
+        validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
+        select=args.select, grid=args.grid, clip=args.clip, rounding=args.rounding,
+        bias_correction=not args.no_bias_correction,
+        first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)
+    t1 = time.perf_counter()
+    save_model(compressed, args.output)
+    report.seconds["load"] = round(load_seconds, 4)
+    report.seconds["save"] = round(time.perf_counter() - t1, 4)
+    report.before.bytes = os.path.getsize(args.input)
+    report.after.bytes = _size_on_disk(args.output)
+    _emit_report(args, report)
+    return 0
+
+
+def _size_on_disk(path: str) -> int:
+    size = os.path.getsize(path)
+    data = path + ".data"
+    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+
+
+def _emit_report(args, report) -> None:
+    if args.report:
+        from .ir.io import write_text_atomic
+
+        write_text_atomic(args.report, report.to_json() + "\n")
+    if not args.quiet:
+        print(report.summary(), file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

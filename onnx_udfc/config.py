@@ -1,0 +1,76 @@
+"""Compression options (what the CLI flags map to) with validation."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional, Tuple
+
+from .errors import UsageError
+
+METHODS = ("none", "mean", "merge", "udfc")
+SELECTIONS = ("expected-error", "norm")
+GRIDS = ("asymmetric", "symmetric")
+CLIPS = ("mse", "max")
+ROUNDINGS = ("balanced", "nearest")
+
+
+@dataclass
+class Options:
+    """What to do to the model.
+
+    prune: fraction of channels removed from every prunable chain, `floor(prune * N)` per layer.
+    bits: weight bit-width, 2..8, or 32 for no quantization.
+    method: compensation after pruning/quantization (`none`, `mean`, `merge`, `udfc`).
+    select: which channels to remove (`expected-error`: backward greedy on the consumer's error after
+        the best compensation; `norm`: smallest L1 filter norm).
+    grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured).
+    first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
+    ridge: shrinkage of the compensation solve, relative to the mean channel variance.
+    selection_ridge: shrinkage used by the expected-error selection.
+    """
+
+    prune: float = 0.0
+    bits: int = 32
+    method: str = "udfc"
+    select: str = "expected-error"
+    grid: str = "asymmetric"
+    clip: str = "mse"
+    rounding: str = "balanced"
+    bias_correction: bool = True
+    first_last_bits: Optional[int] = 8
+    ridge: float = 0.01
+    selection_ridge: float = 1.0
+    input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    debug: bool = False
+
+    def validate(self) -> "Options":
+        if not (0.0 <= float(self.prune) < 1.0):
+            raise UsageError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.bits != 32 and not (2 <= int(self.bits) <= 8):
+            raise UsageError(f"--bits must be 2..8 or 32, got {self.bits}")
+        if self.first_last_bits is not None and self.first_last_bits != 32 and not (2 <= self.first_last_bits <= 8):
+            raise UsageError(f"--first-last-bits must be 2..8 or 32, got {self.first_last_bits}")
+        for name, value, allowed in (("method", self.method, METHODS), ("select", self.select, SELECTIONS),
+                                     ("grid", self.grid, GRIDS), ("clip", self.clip, CLIPS),
+                                     ("rounding", self.rounding, ROUNDINGS)):
+            if value not in allowed:
+                raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.ridge < 0 or self.selection_ridge < 0:
+            raise UsageError("ridge values must be >= 0")
+        return self
+
+    @property
+    def quantize(self) -> bool:
+        return self.bits != 32
+
+    def bits_for(self, is_first_or_last: bool) -> int:
+        """Bit-width of a layer; first/last layers get `first_last_bits` unless it is None."""
+        if not self.quantize:
+            return 32
+        if is_first_or_last and self.first_last_bits is not None:
+            return max(self.bits, self.first_last_bits) if self.first_last_bits != 32 else 32
+        return self.bits
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shapes"] = {k: list(v) for k, v in self.input_shapes.items()}
+        return d

@@ -1,0 +1,128 @@
+"""Shape inference with concrete input shapes, and input-shape resolution shared by validation and MACs."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import onnx
+from onnx import TensorProto
+
+from ..errors import UsageError
+
+log = logging.getLogger(__name__)
+
+Shape = Tuple[int, ...]
+_BATCH_NAMES = {"n", "batch", "batch_size", "batchsize", "b", "bs", "unk__0", "none", "?"}
+
+
+def parse_input_shapes(specs: List[str]) -> Dict[str, Shape]:
+    """Parse `name:1x3x224x224` strings (the `--input-shape` flag) into a dict."""
+    out: Dict[str, Shape] = {}
+    for spec in specs or []:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape or any(d <= 0 for d in shape):
+            raise UsageError(f"bad --input-shape '{spec}': expected name:1x3x224x224")
+        out[name] = shape
+    return out
+
+
+def resolve_input_shapes(model: onnx.ModelProto, given: Optional[Dict[str, Shape]] = None,
+                         batch: int = 1) -> Dict[str, Shape]:
+    """Concrete shape of every real graph input.
+
+    Static dims are kept; the first dim, when dynamic, becomes `batch`; any other dynamic dim must
+    come from `given` (`--input-shape`), else a UsageError names the flag.
+    """
+    given = dict(given or {})
+    inits = {t.name for t in model.graph.initializer}
+    out: Dict[str, Shape] = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if inp.name in given:
+            out[inp.name] = tuple(given.pop(inp.name))
+            continue
+        if not inp.type.HasField("tensor_type") or not inp.type.tensor_type.HasField("shape"):
+            raise UsageError(f"input '{inp.name}' has no declared shape; pass --input-shape {inp.name}:1x3x224x224")
+        dims = []
+        for i, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            elif i == 0 or d.dim_param.lower() in _BATCH_NAMES:
+                dims.append(batch)
+            else:
+                raise UsageError(
+                    f"input '{inp.name}' has dynamic dimension '{d.dim_param or '?'}' at axis {i}; "
+                    f"pass --input-shape {inp.name}:" + "x".join(str(x) if x else "N" for x in
+                                                                 [dd.dim_value for dd in inp.type.tensor_type.shape.dim])
+                )
+        out[inp.name] = tuple(dims)
+    if given:
+        raise UsageError(f"--input-shape names unknown input(s): {', '.join(sorted(given))}")
+    return out
+
+
+def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) -> Dict[str, Shape]:
+    """Shapes of every tensor when the inputs have `input_shapes` (model is not modified).
+
+    Returns only fully static shapes; tensors whose shape stays unknown are absent.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, m)
+    del m.graph.value_info[:]
+    for inp in m.graph.input:
+        if inp.name in input_shapes:
+            shape = inp.type.tensor_type.shape
+            del shape.dim[:]
+            for d in input_shapes[inp.name]:
+                shape.dim.add().dim_value = int(d)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    except Exception as exc:  # inference is best effort; callers fall back where shapes are missing
+        log.warning("shape inference failed: %s", str(exc).splitlines()[0])
+        inferred = m
+    shapes: Dict[str, Shape] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+        if all(d >= 0 for d in dims):
+            shapes[vi.name] = tuple(dims)
+    for t in inferred.graph.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
+
+
+def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` whose initializers keep dims and type but no data (for shape inference)."""
+    dest.CopyFrom(model)
+    for t in dest.graph.initializer:
+        t.ClearField("raw_data")
+        for f in ("float_data", "int32_data", "int64_data", "double_data"):
+            t.ClearField(f)
+    return dest
+
+
+def refresh_value_info(model: onnx.ModelProto) -> None:
+    """Drop stale `value_info` and output shapes and re-infer them (in place, symbolic dims kept)."""
+    del model.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+        model.graph.value_info.extend(inferred.graph.value_info)
+    except Exception as exc:
+        log.warning("shape inference failed after compression: %s", str(exc).splitlines()[0])
+
+
+def elem_type(model: onnx.ModelProto, name: str) -> Optional[int]:
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        if vi.name == name:
+            return vi.type.tensor_type.elem_type
+    return None
+
+
+FLOAT = TensorProto.FLOAT

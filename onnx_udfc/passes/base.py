@@ -1,0 +1,90 @@
+"""Pass protocol and pass manager.
+
+A pass is a small object with a `name` and `run(ctx) -> PassResult`. The manager runs passes in order,
+times them, runs `onnx.checker` after each one in debug mode, and re-raises any failure as a `PassError`
+naming the pass and the passes before it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import onnx
+
+from ..errors import PassError, UdfcError
+from ..ir.graph import Graph
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes share: the graph being edited, the options, and facts found on the way.
+
+    `priors[tensor] = (mu, sigma)`: the BN prior of a pre-activation tensor whose BatchNormalization was
+    folded into its producer (the pre-activation is `N(mu, sigma^2)` per channel).
+    `stats`: the statistics model (set by the statistics pass).
+    `layers`: per-layer report records keyed by node name.
+    `quant_noise[tensor]`: per-channel variance of the quantization error of a linear layer's output.
+    """
+
+    graph: Graph
+    options: Any
+    input_shapes: Dict[str, tuple]
+    shapes: Dict[str, tuple] = field(default_factory=dict)
+    priors: Dict[str, tuple] = field(default_factory=dict)
+    stats: Any = None
+    layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    quant_noise: Dict[str, Any] = field(default_factory=dict)
+    notes: List[str] = field(default_factory=list)
+
+    def layer(self, node: onnx.NodeProto) -> Dict[str, Any]:
+        """Report record of `node` (created on first use)."""
+        key = node.name or node.output[0]
+        if key not in self.layers:
+            self.layers[key] = {"name": key, "op": node.op_type}
+        return self.layers[key]
+
+
+class Pass:
+    name = "pass"
+
+    def run(self, ctx: PassContext) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass], debug: bool = False):
+        self.passes = list(passes)
+        self.debug = debug
+
+    def run(self, ctx: PassContext) -> List[Dict[str, Any]]:
+        """Run every pass; returns one record per pass: name, changed, seconds, stats."""
+        records: List[Dict[str, Any]] = []
+        done: List[str] = []
+        for p in self.passes:
+            start = time.perf_counter()
+            try:
+                result = p.run(ctx)
+                if self.debug:
+                    onnx.checker.check_model(ctx.graph.model, full_check=False)
+            except UdfcError:
+                raise
+            except Exception as exc:
+                before = ", ".join(done) or "none"
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise PassError(f"pass '{p.name}' failed (after: {before}): {msg}") from exc
+            seconds = time.perf_counter() - start
+            log.debug("pass %s: changed=%s in %.3fs %s", p.name, result.changed, seconds, result.stats)
+            records.append({"name": p.name, "changed": bool(result.changed),
+                            "seconds": round(seconds, 4), "stats": result.stats})
+            done.append(p.name)
+        return records

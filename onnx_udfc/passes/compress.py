@@ -1,0 +1,108 @@
+"""The passes that turn a model into a compressed one.
+
+StatisticsPass: shapes (with concrete inputs), per-tensor moments, the statistics model.
+CompressLayersPass: one walk in topological order; for each linear layer, first prune the chain it
+    consumes (the producer was already quantized, so the compensation sees its quantization noise),
+    then fake-quantize the layer itself. Chains are matched once, read-only, before any edit.
+CleanupPass: unused initializers and dead Constant nodes removed, value_info re-inferred.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Set
+
+import onnx
+
+from ..ir.layers import LINEAR_OPS, read_layer
+from ..ir.shapes import infer_static_shapes, refresh_value_info
+from ..patterns.chains import ChainFinder
+from ..stats.model import AnalyticStatistics
+from .base import Pass, PassContext, PassResult
+from .prune import prune_chain
+from .quantize import quantize_layer
+
+log = logging.getLogger(__name__)
+
+
+class StatisticsPass(Pass):
+    name = "statistics"
+
+    def run(self, ctx: PassContext) -> PassResult:
+        ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes)
+        ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
+        unknown = dict(sorted(ctx.stats.unknown_ops.items()))
+        return PassResult(False, {"source": ctx.stats.source, "ops_without_moments": unknown})
+
+
+def boundary_layers(graph) -> Set[int]:
+    """ids of the first and the last linear layers: those with no linear layer before / after them."""
+    nodes = graph.topological_nodes()
+    is_linear = [n.op_type in LINEAR_OPS and read_layer(graph, n) is not None for n in nodes]
+    after_linear: Dict[str, bool] = {}
+    first: Set[int] = set()
+    for node, lin in zip(nodes, is_linear):
+        upstream = any(after_linear.get(i, False) for i in node.input)
+        if lin and not upstream:
+            first.add(id(node))
+        for out in node.output:
+            after_linear[out] = upstream or lin
+    before_linear: Dict[str, bool] = {}
+    last: Set[int] = set()
+    for node, lin in zip(reversed(nodes), reversed(is_linear)):
+        downstream = any(before_linear.get(o, False) for o in node.output)
+        if lin and not downstream:
+            last.add(id(node))
+        for inp in node.input:
+            before_linear[inp] = before_linear.get(inp, False) or downstream or lin
+    return first | last
+
+
+class CompressLayersPass(Pass):
+    name = "prune-quantize-compensate"
+
+    def run(self, ctx: PassContext) -> PassResult:
+        graph, options = ctx.graph, ctx.options
+        chains, rejections = ChainFinder(graph, ctx.shapes).find()
+        for rejection in rejections:
+            ctx.layer(rejection.node).setdefault("skipped", []).append("pruning: " + rejection.reason)
+        for chain in chains:
+            ctx.layer(chain.producer)["chain"] = True
+        by_consumer = {id(c.consumer): c for c in chains}
+        boundary = boundary_layers(graph) if options.quantize else set()
+        pruned = quantized = 0
+        for node in graph.topological_nodes():
+            if node.op_type not in LINEAR_OPS:
+                continue
+            chain = by_consumer.get(id(node))
+            if chain is not None and options.prune > 0:
+                prune_chain(ctx, chain)
+                record = ctx.layer(chain.producer)
+                pruned += record["channels_before"] - record["channels_after"]
+            if options.quantize:
+                bits = options.bits_for(id(node) in boundary)
+                if bits < 32:
+                    quantize_layer(ctx, node, bits)
+                    quantized += 1
+                else:
+                    ctx.layer(node)["bits"] = 32
+        return PassResult(pruned > 0 or quantized > 0,
+                          {"chains": len(chains), "channels_removed": pruned, "layers_quantized": quantized})
+
+
+class CleanupPass(Pass):
+    name = "cleanup"
+
+    def run(self, ctx: PassContext) -> PassResult:
+        graph = ctx.graph
+        dead = self._dead_constants(graph)
+        if dead:
+            graph.remove_nodes(dead)
+        removed = graph.remove_unused_initializers()
+        refresh_value_info(graph.model)
+        return PassResult(bool(dead or removed), {"initializers_removed": removed, "constants_removed": len(dead)})
+
+    @staticmethod
+    def _dead_constants(graph) -> List[onnx.NodeProto]:
+        graph.refresh()
+        return [n for n in graph.topological_nodes()
+                if n.op_type == "Constant" and graph.use_count(n.output[0]) == 0]

@@ -1,0 +1,119 @@
+"""Structured pruning of one chain with closed-form compensation in the consumer.
+
+For a chain producer -> [act, pools] -> [depthwise -> act] -> consumer with N channels:
+
+1. choose the removed set P, |P| = floor(prune * N) (expected-error or norm selection);
+2. model the consumer's input channels as `a ~ S a~_K + t` (S: (N, |K|), t: (N,)), by method:
+   none: S = I on K, t = 0;  mean: pruned rows t_m = E[a_m];  merge: Neuron Merging partner scales;
+   udfc: best affine predictor under the statistics model, with the producer's quantization noise on
+   the kept channels (the per-channel S' of UDFC for kept rows);
+3. consumer absorbs it: `V'[:, k] = sum_j V[:, j] S[j, k]`, `b' = b + sum_j t_j sum_taps V[:, j]`;
+4. delete rows P of the producer (weight, bias), of the depthwise conv (and set its group to |K|),
+   and the consumer's input slices.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import numpy as np
+
+from ..ir.graph import set_attr
+from ..ir.layers import read_layer, write_layer
+from ..numerics.compensation import (apply_compensation, mean_compensation, neuron_merging,
+                                     solve_affine_compensation)
+from ..numerics.selection import select_by_expected_error, select_by_norm
+from ..patterns.chains import Chain
+from .base import PassContext
+
+log = logging.getLogger(__name__)
+
+
+def consumer_taps(rows: np.ndarray, channels: int, block: int) -> np.ndarray:
+    """Consumer weight as (M, N, T): Conv (M, N, kh, kw) -> T = kh*kw; dense (M, N*block) -> T = block."""
+    m = rows.shape[0]
+    return rows.reshape(m, channels, -1)
+
+
+def prune_chain(ctx: PassContext, chain: Chain) -> None:
+    """Prune `chain` in place per ctx.options and record the decision on the producer's report line."""
+    graph, options = ctx.graph, ctx.options
+    record = ctx.layer(chain.producer)
+    n = chain.channels
+    n_remove = int(np.floor(options.prune * n))
+    record.update(channels_before=n, channels_after=n, consumer=chain.consumer.name or chain.consumer.output[0])
+    if chain.depthwise is not None:
+        record["through_depthwise"] = chain.depthwise.name or chain.depthwise.output[0]
+    if n_remove < 1:
+        record["skipped"] = [f"pruning: ratio {options.prune} removes no channel of {n}"]
+        return
+    producer = read_layer(graph, chain.producer)
+    consumer = read_layer(graph, chain.consumer)
+    v_taps = consumer_taps(consumer.rows, n, chain.block).astype(np.float64)
+    statistics = ctx.stats.chain_statistics(chain) if ctx.stats is not None else None
+    method, select = options.method, options.select
+    if statistics is None and (method in ("mean", "udfc") or select == "expected-error"):
+        record.setdefault("notes", []).append("no statistics for this chain: norm selection and merge compensation")
+        method = "merge" if method == "udfc" else method
+        select = "norm"
+        if method == "mean":
+            method = "none"
+    flat_producer = producer.rows.reshape(n, -1).astype(np.float64)
+    if select == "expected-error":
+        gram = np.einsum("mnt,mkt->nk", v_taps, v_taps, optimize=True)
+        pruned = select_by_expected_error(statistics[1], gram, n_remove, ridge=options.selection_ridge)
+    else:
+        pruned = select_by_norm(flat_producer, n_remove)
+    kept = np.setdiff1d(np.arange(n), pruned)
+    s, t = _compensation(ctx, chain, method, statistics, kept, flat_producer, producer.bias)
+    v_new, bias_delta = apply_compensation(v_taps, s, t)
+    consumer_bias = consumer.bias
+    if np.any(bias_delta != 0):
+        consumer_bias = (np.zeros(consumer.out_channels) if consumer_bias is None else consumer_bias) + bias_delta
+    write_layer(graph, consumer, v_new.reshape(consumer.rows.shape[0], -1, *consumer.rows.shape[2:]), consumer_bias)
+    write_layer(graph, producer, producer.rows[kept], None if producer.bias is None else producer.bias[kept])
+    if chain.depthwise is not None:
+        dw = read_layer(graph, chain.depthwise)
+        write_layer(graph, dw, dw.rows[kept], None if dw.bias is None else dw.bias[kept])
+        set_attr(chain.depthwise, "group", int(kept.size))
+    if ctx.stats is not None:
+        ctx.stats.restrict(chain.path, kept)
+    record.update(channels_after=int(kept.size), pruned=[int(i) for i in pruned], method=method, select=select)
+
+
+def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept: np.ndarray,
+                  flat_producer: np.ndarray, producer_bias) -> Tuple[np.ndarray, np.ndarray]:
+    n = chain.channels
+    if method == "none":
+        s = np.zeros((n, kept.size))
+        s[kept, np.arange(kept.size)] = 1.0
+        return s, np.zeros(n)
+    if method == "mean":
+        return mean_compensation(statistics[0], kept)
+    if method == "merge":
+        bias = np.zeros(n) if producer_bias is None else producer_bias
+        return neuron_merging(flat_producer, bias, kept)
+    mean, cov = statistics
+    noise = _kept_channel_noise(ctx, chain, kept, cov)
+    return solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise)
+
+
+def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: np.ndarray) -> Optional[np.ndarray]:
+    """Quantization noise variance of the kept channels at the consumer's input (None if unquantized).
+
+    Pre-activation noise of the last linear layer (plus the producer's noise through the depthwise
+    kernel, `||k_m||^2` times), times the activation's mean slope squared.
+    """
+    last = chain.depthwise if chain.depthwise is not None else chain.producer
+    noise = ctx.quant_noise.get(last.output[0])
+    if noise is None:
+        return None
+    noise = np.asarray(noise, np.float64).copy()
+    if chain.depthwise is not None and chain.producer.output[0] in ctx.quant_noise:
+        kernel = ctx.graph.constant(chain.depthwise.input[1]).reshape(chain.channels, -1).astype(np.float64)
+        noise += ctx.quant_noise[chain.producer.output[0]] * (kernel ** 2).sum(axis=1)
+    pre = ctx.stats.tensor_moments(last.output[0])
+    if pre is None:
+        return None
+    slope = ctx.stats.activation_slope(pre[0], pre[1], chain.last_stage)
+    return (slope ** 2 * noise)[kept]

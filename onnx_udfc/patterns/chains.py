@@ -1,0 +1,279 @@
+"""Read-only matching of prunable channel chains.
+
+A chain is the path along which the N output channels of a producer travel, unmixed, to the one layer
+that mixes them again (the consumer):
+
+    producer (Conv group 1 | Gemm) -> [act] -> [MaxPool | AveragePool | Pad]*
+        -> [depthwise Conv -> [act] -> [pools]*]            (MobileNet style; pruned together)
+        -> consumer (Conv group 1 | Gemm | MatMul), possibly after
+           GlobalAveragePool/ReduceMean -> Flatten/Reshape (channel m = column m) or
+           Flatten of an HxW map (channel m = columns [m*H*W, (m+1)*H*W))
+
+BatchNormalization must already be folded into the producer and the depthwise conv (FoldBatchNormPass).
+Every tensor on the path must have exactly one reader and must not be a graph output; weights must be
+constant and not shared. Producers that do not form a chain get a `Rejection` with the reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+
+from ..ir.graph import Graph, attr
+from ..numerics.activations import Activation
+from .activations import activation_of
+
+WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+POOL_OPS = ("MaxPool", "AveragePool")
+COUPLING_OPS = ("Add", "Sum", "Sub", "Concat", "Mul", "Split")
+FLATTEN_OPS = ("Flatten", "Reshape", "Squeeze")
+
+
+@dataclass
+class Stage:
+    """What happens to the channels after a linear layer: activation then channel-preserving pools."""
+
+    activation: Activation = field(default_factory=lambda: Activation("identity"))
+    pools: List[onnx.NodeProto] = field(default_factory=list)
+    output: str = ""  # tensor at the end of the stage
+
+
+@dataclass
+class Chain:
+    producer: onnx.NodeProto
+    channels: int
+    first: Stage
+    consumer: onnx.NodeProto
+    depthwise: Optional[onnx.NodeProto] = None
+    second: Optional[Stage] = None
+    #: consumer columns per channel: 1 for Conv / GAP -> Gemm, H*W for Flatten of an HxW map
+    block: int = 1
+    #: every tensor carrying the N channels, producer output to consumer input, with its columns per channel
+    path: List[Tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def last_stage(self) -> Stage:
+        return self.second if self.depthwise is not None else self.first
+
+    @property
+    def name(self) -> str:
+        return self.producer.name or self.producer.output[0]
+
+
+@dataclass
+class Rejection:
+    node: onnx.NodeProto
+    reason: str
+
+
+def producer_weight_rows(graph: Graph, node: onnx.NodeProto) -> Optional[int]:
+    """Number of output channels of a Conv/Gemm/MatMul with a constant weight, else None."""
+    w = graph.constant(node.input[1]) if len(node.input) > 1 else None
+    if w is None:
+        return None
+    if node.op_type == "Conv":
+        return int(w.shape[0])
+    if w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        return int(w.shape[0] if attr(node, "transB", 0) else w.shape[1])
+    return int(w.shape[1])
+
+
+def is_depthwise(graph: Graph, node: onnx.NodeProto, channels: int) -> bool:
+    if node.op_type != "Conv":
+        return False
+    w = graph.constant(node.input[1])
+    return (w is not None and w.ndim == 4 and int(attr(node, "group", 1)) == channels
+            and w.shape[0] == channels and w.shape[1] == 1)
+
+
+class ChainFinder:
+    """Finds chains and rejection reasons; never edits the graph."""
+
+    def __init__(self, graph: Graph, shapes: Dict[str, tuple]):
+        self.graph = graph
+        self.shapes = shapes
+
+    def find(self) -> Tuple[List[Chain], List[Rejection]]:
+        chains: List[Chain] = []
+        rejections: List[Rejection] = []
+        in_chain_dw = set()
+        for node in self.graph.topological_nodes():
+            if node.op_type not in ("Conv", "Gemm"):
+                continue
+            result = self._match(node)
+            if isinstance(result, Chain):
+                chains.append(result)
+                if result.depthwise is not None:
+                    in_chain_dw.add(id(result.depthwise))
+            else:
+                rejections.append(Rejection(node, result))
+        rejections = [r for r in rejections if id(r.node) not in in_chain_dw]
+        return chains, rejections
+
+    # ------------------------------------------------------------- matching
+    def _match(self, producer: onnx.NodeProto):
+        g = self.graph
+        n = producer_weight_rows(g, producer)
+        if n is None:
+            return "weight is not a constant 2-D/4-D tensor"
+        if producer.op_type == "Conv":
+            group = int(attr(producer, "group", 1))
+            if group != 1:
+                return ("depthwise conv: pruned together with the layer before it when that one forms a chain"
+                        if is_depthwise(g, producer, n) else f"grouped conv (group={group})")
+        elif attr(producer, "transA", 0):
+            return "Gemm with transA=1"
+        if n < 2:
+            return "only one output channel"
+        if g.use_count(producer.input[1]) > 1:
+            return "shared weight (initializer read by several nodes)"
+        if len(producer.input) > 2 and producer.input[2] and not g.is_constant(producer.input[2]):
+            return "bias is not a constant"
+        first = Stage()
+        tensor = producer.output[0]
+        stage = first
+        depthwise = None
+        second = None
+        stage_has_act = False
+        self._path = [(tensor, 1)]
+        while True:
+            reader, reason = self._single_reader(tensor)
+            if reader is None:
+                return reason
+            op = reader.op_type
+            act, _ = activation_of(g, reader)
+            if op == "BatchNormalization":
+                return "BatchNormalization that could not be folded on the path"
+            if act is not None and op not in ("Identity", "Dropout"):
+                if stage_has_act or stage.pools:
+                    return f"{op} after another activation or pool on the path (unsupported)"
+                stage.activation = act
+                stage_has_act = True
+            elif op in ("Identity", "Dropout"):
+                pass
+            elif op in POOL_OPS:
+                stage.pools.append(reader)
+            elif op == "Pad":
+                if not self._pad_keeps_channels(reader):
+                    return "Pad on the channel axis"
+                stage.pools.append(reader)
+            elif op == "Conv" and depthwise is None and is_depthwise(g, reader, n) and reader.input[0] == tensor:
+                if g.use_count(reader.input[1]) > 1:
+                    return "depthwise weight is shared"
+                stage.output = tensor
+                depthwise = reader
+                second = Stage()
+                stage = second
+                stage_has_act = False
+            elif op in ("Conv", "Gemm", "MatMul"):
+                stage.output = tensor
+                return self._consumer(producer, n, first, depthwise, second, reader, tensor, block=1)
+            elif op in ("GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Squeeze"):
+                stage.output = tensor
+                return self._through_flatten(producer, n, first, depthwise, second, reader, tensor)
+            elif op in COUPLING_OPS:
+                return f"output reaches {op} ({reader.name or reader.output[0]}): channels coupled with another branch"
+            else:
+                return f"unsupported op {op} between producer and consumer"
+            tensor = reader.output[0]
+            self._path.append((tensor, 1))
+
+    def _single_reader(self, tensor: str):
+        g = self.graph
+        if tensor in g.graph_outputs:
+            return None, "feeds a graph output"
+        readers = g.uses(tensor)
+        if not readers:
+            return None, "output is not used"
+        if len(readers) > 1 or g.use_count(tensor) > 1:
+            ops = sorted({r.op_type for r in readers})
+            coupled = [o for o in ops if o in COUPLING_OPS]
+            if coupled:
+                return None, f"fan-out to {len(readers)} readers including {coupled[0]}: coupled channels (residual)"
+            return None, f"fan-out: output read by {len(readers)} nodes ({', '.join(ops)})"
+        return readers[0], ""
+
+    def _pad_keeps_channels(self, pad: onnx.NodeProto) -> bool:
+        pads = attr(pad, "pads", None)
+        if pads is None and len(pad.input) > 1:
+            value = self.graph.constant(pad.input[1])
+            pads = None if value is None else value.tolist()
+        if pads is None or len(pad.input) > 3 and pad.input[3]:  # axes input: be conservative
+            return False
+        rank = len(pads) // 2
+        return rank >= 2 and pads[0] == pads[1] == pads[rank] == pads[rank + 1] == 0
+
+    def _through_flatten(self, producer, n, first, depthwise, second, reader, tensor):
+        """GAP/ReduceMean -> Flatten/Reshape -> Gemm, or Flatten of a map -> Gemm."""
+        g = self.graph
+        shape = self.shapes.get(tensor)
+        block = 1
+        node = reader
+        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+            if node.op_type == "ReduceMean" and not self._reduces_spatial(node):
+                return "ReduceMean over non-spatial axes"
+            nxt, reason = self._single_reader(node.output[0])
+            if nxt is None:
+                return reason
+            if nxt.op_type in ("Gemm", "MatMul"):
+                return "GlobalAveragePool straight into Gemm without Flatten (4-D input)"
+            self._path.append((node.output[0], 1))
+            node = nxt
+        elif shape is not None and len(shape) == 4:
+            block = int(shape[2] * shape[3])
+        elif shape is None:
+            return "unknown shape before Flatten"
+        if node.op_type not in FLATTEN_OPS:
+            return f"unsupported op {node.op_type} between producer and consumer"
+        out_shape = self.shapes.get(node.output[0])
+        if out_shape is None or len(out_shape) != 2 or out_shape[1] != n * block:
+            return f"{node.op_type} does not map channels to 2-D columns"
+        consumer, reason = self._single_reader(node.output[0])
+        if consumer is None:
+            return reason
+        self._path.append((node.output[0], block))
+        if consumer.op_type not in ("Gemm", "MatMul"):
+            return f"unsupported op {consumer.op_type} after {node.op_type}"
+        return self._consumer(producer, n, first, depthwise, second, consumer, node.output[0], block)
+
+    def _reduces_spatial(self, node) -> bool:
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            value = self.graph.constant(node.input[1])
+            axes = None if value is None else value.tolist()
+        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3] and attr(node, "keepdims", 1) in (0, 1)
+
+    def _consumer(self, producer, n, first, depthwise, second, consumer, tensor, block):
+        g = self.graph
+        if consumer.input[0] != tensor:
+            return f"consumer {consumer.op_type} reads the channels as its weight input"
+        w = g.constant(consumer.input[1])
+        if w is None:
+            return "consumer weight is not a constant"
+        if g.use_count(consumer.input[1]) > 1:
+            return "consumer weight is shared"
+        if consumer.op_type == "Conv":
+            if int(attr(consumer, "group", 1)) != 1:
+                return f"grouped consumer conv (group={attr(consumer, 'group', 1)})"
+            if w.shape[1] != n:
+                return "consumer weight does not match the channel count"
+        elif consumer.op_type == "Gemm":
+            if attr(consumer, "transA", 0) or w.ndim != 2:
+                return "consumer Gemm with transA=1"
+            cols = w.shape[1] if attr(consumer, "transB", 0) else w.shape[0]
+            if cols != n * block:
+                return "consumer Gemm input size does not match the channels"
+        else:
+            if w.ndim != 2 or w.shape[0] != n * block:
+                return "consumer MatMul weight does not match the channels"
+            shape = self.shapes.get(tensor)
+            if shape is None or len(shape) != 2:
+                return "MatMul consumer on a tensor that is not 2-D"
+        if depthwise is not None and second is not None and not second.output:
+            second.output = tensor
+        return Chain(producer=producer, channels=n, first=first, consumer=consumer,
+                     depthwise=depthwise, second=second, block=block, path=list(self._path))

@@ -1,0 +1,130 @@
+"""The statistics model: means and channel covariances wherever compression needs them.
+
+One replaceable component (`StatisticsModel`); `AnalyticStatistics` is the data-free default:
+
+- per-channel moments of every tensor from `MomentPropagator` (BN priors where the model has BN,
+  moment propagation from `N(0, 1)` inputs elsewhere);
+- channel covariance at a chain's compensation point (the consumer's input), analytic:
+  1. pre-activation correlation of the producer, `corr(z) ~ W D W^T` with D the input channel
+     variances and a spatial AR(1) correlation within the kernel window;
+  2. pre-activation variances and means from the moments (the BN prior when there is one);
+  3. MaxPool (after a monotone activation) moment-matched on the pre-activation;
+  4. through the activation with the Mehler (Hermite) series;
+  5. through a depthwise conv by summing the lagged activation covariances against the kernels'
+     cross-correlations (not the expansion filters' cosine, which says little there), renormalised to
+     the depthwise BN prior, and through its activation again.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from ..ir.graph import Graph, attr
+from ..ir.layers import read_layer
+from ..numerics.covariance import (conv_preactivation_covariance, cov_to_corr,
+                                   depthwise_output_covariance, nearest_psd)
+from ..numerics.moments import activation_covariance, gaussian_activation_moments, hermite_coefficients
+from ..patterns.chains import Chain, Stage
+from .propagate import SPATIAL_RHO, MomentPropagator, max_of_gaussians, mean_spatial_correlation
+
+log = logging.getLogger(__name__)
+
+Moments = Tuple[np.ndarray, np.ndarray]
+
+
+class StatisticsModel:
+    """Interface: where means and covariances come from."""
+
+    source = "abstract"
+
+    def tensor_moments(self, tensor: str) -> Optional[Moments]:
+        raise NotImplementedError
+
+    def input_moments(self, node) -> Optional[Moments]:
+        """(mean, var) per input channel/feature of a linear layer."""
+        return self.tensor_moments(node.input[0])
+
+    def chain_statistics(self, chain: Chain) -> Optional[Moments]:
+        """(mean (N,), cov (N, N)) of the channels the consumer reads, or None if unknown."""
+        raise NotImplementedError
+
+
+class AnalyticStatistics(StatisticsModel):
+    def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
+                 spatial_rho: float = SPATIAL_RHO):
+        self.graph = graph
+        self.spatial_rho = spatial_rho
+        propagator = MomentPropagator(graph, shapes, priors)
+        self.moments = propagator.run()
+        self.unknown_ops = propagator.unknown_ops
+        self.n_priors = len(priors) + sum(1 for n in graph.topological_nodes() if n.op_type == "BatchNormalization")
+        if self.n_priors:
+            self.source = ("BatchNormalization priors (running statistics) for %d tensors, moment propagation "
+                           "from N(0,1) inputs elsewhere; no data used" % self.n_priors)
+        else:
+            self.source = "moment propagation from N(0,1) inputs through the weights (no BN statistics, no data)"
+
+    def tensor_moments(self, tensor: str) -> Optional[Moments]:
+        return self.moments.get(tensor)
+
+    def chain_statistics(self, chain: Chain) -> Optional[Moments]:
+        producer = read_layer(self.graph, chain.producer)
+        pre = self.tensor_moments(chain.producer.output[0])
+        if producer is None or pre is None:
+            return None
+        inp = self.tensor_moments(chain.producer.input[0])
+        c_in = producer.rows.shape[1]
+        var_in = inp[1] if inp is not None and inp[1].shape[0] == c_in else np.ones(c_in)
+        corr, _ = cov_to_corr(conv_preactivation_covariance(producer.rows, var_in, spatial_rho=self.spatial_rho))
+        mu, var = pre
+        mean, cov = self._stage(mu, var, corr, chain.first)
+        if chain.depthwise is None:
+            return mean, nearest_psd(cov)
+        kernel = self.graph.constant(chain.depthwise.input[1])
+        dw_pre = self.tensor_moments(chain.depthwise.output[0])
+        if kernel is None or dw_pre is None:
+            return None
+        mu1, sigma1 = self._pooled_preactivation(mu, var, chain.first)
+        cov_u = depthwise_output_covariance(mu1, sigma1, corr, chain.first.activation,
+                                            np.asarray(kernel, np.float64), spatial_rho=self.spatial_rho)
+        corr_u, _ = cov_to_corr(nearest_psd(cov_u))
+        mean2, cov2 = self._stage(dw_pre[0], dw_pre[1], corr_u, chain.second)
+        return mean2, nearest_psd(cov2)
+
+    def _pooled_preactivation(self, mu, var, stage: Stage):
+        for pool in stage.pools:
+            if pool.op_type == "MaxPool":
+                mu, var = max_of_gaussians(mu, var, int(np.prod(attr(pool, "kernel_shape", [1]))))
+        return mu, np.sqrt(np.maximum(var, 0.0))
+
+    def _stage(self, mu, var, corr, stage: Stage) -> Moments:
+        """Mean and covariance after the stage's activation and pools, from pre-activation moments."""
+        mu, sigma = self._pooled_preactivation(mu, var, stage)
+        mean, _ = gaussian_activation_moments(mu, sigma, stage.activation)
+        cov = activation_covariance(mu, sigma, corr, stage.activation)
+        for pool in stage.pools:
+            if pool.op_type == "AveragePool":
+                k = list(attr(pool, "kernel_shape", [1, 1])) + [1]
+                cov = cov * mean_spatial_correlation(k[0], k[1], self.spatial_rho)
+        return np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+
+    def activation_slope(self, mu: np.ndarray, var: np.ndarray, stage: Stage) -> np.ndarray:
+        """E[f'(z)] per channel (first Hermite coefficient over sigma): how pre-activation noise passes."""
+        mu, sigma = self._pooled_preactivation(mu, var, stage)
+        c = hermite_coefficients(mu, sigma, stage.activation, 1)
+        return np.where(sigma > 0, c[:, 1] / np.maximum(sigma, 1e-12), 1.0)
+
+    def restrict(self, path, kept: np.ndarray) -> None:
+        """After pruning: keep only channels `kept` in the moments of every tensor on a chain's path.
+
+        path: [(tensor, columns per channel)]; a flattened tensor keeps whole column blocks.
+        """
+        for tensor, block in path:
+            moments = self.moments.get(tensor)
+            if moments is None:
+                continue
+            index = kept if block == 1 else (kept[:, None] * block + np.arange(block)[None, :]).ravel()
+            if moments[0].shape[0] >= index.max(initial=0) + 1:
+                self.moments[tensor] = (moments[0][index], moments[1][index])

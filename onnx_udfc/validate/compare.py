@@ -1,0 +1,95 @@
+"""Compare the original and the compressed model in onnxruntime on seeded synthetic inputs.
+
+CPU provider, graph optimizations off (so onnxruntime's own rewrites cannot hide or cause a difference).
+Per output: max abs error, relative L2 error `||y' - y|| / ||y||`, cosine similarity, and for 2-D outputs
+the top-1 agreement over the batch rows. Names, shapes and dtypes of the outputs must be identical.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+import numpy as np
+import onnx
+
+from ..errors import BadModelError, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+_NP_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], seed: int = 0) -> Dict[str, np.ndarray]:
+    """Seeded inputs: standard normal for float inputs (they are assumed normalised), zeros otherwise."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        dtype = _NP_TYPES.get(inp.type.tensor_type.elem_type, np.float32)
+        shape = input_shapes[inp.name]
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def run_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    return _session(model).run(None, feeds)
+
+
+def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, input_shapes: Dict[str, tuple],
+                   seed: int = 0, batch: int = 8) -> Dict[str, dict]:
+    """Metrics per output name; raises ValidationFailed when outputs differ in name, shape or dtype."""
+    shapes = {k: ((batch,) + tuple(v[1:]) if len(v) > 1 else tuple(v)) for k, v in input_shapes.items()}
+    feeds = synthetic_inputs(original, shapes, seed)
+    try:
+        y0 = run_model(original, feeds)
+    except Exception as exc:
+        raise BadModelError(f"onnxruntime cannot run the input model: {str(exc).splitlines()[0][:300]}") from None
+    try:
+        y1 = run_model(compressed, feeds)
+    except Exception as exc:
+        raise ValidationFailed(f"onnxruntime cannot run the compressed model: {str(exc).splitlines()[0][:300]}") from None
+    names0 = [o.name for o in original.graph.output]
+    names1 = [o.name for o in compressed.graph.output]
+    if names0 != names1:
+        raise ValidationFailed(f"output names changed: {names0} -> {names1}")
+    metrics = {}
+    for name, a, b in zip(names0, y0, y1):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValidationFailed(f"output '{name}' changed from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}")
+        metrics[name] = output_metrics(a, b)
+    return metrics
+
+
+def output_metrics(reference: np.ndarray, other: np.ndarray) -> dict:
+    a = np.asarray(reference, np.float64).ravel()
+    b = np.asarray(other, np.float64).ravel()
+    diff = b - a
+    norm_a = float(np.linalg.norm(a))
+    norm_b = float(np.linalg.norm(b))
+    out = {
+        "max_abs_error": float(np.max(np.abs(diff))) if diff.size else 0.0,
+        "rel_l2_error": float(np.linalg.norm(diff) / norm_a) if norm_a > 0 else float(np.linalg.norm(diff)),
+        "cosine": float(a @ b / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b),
+    }
+    if reference.ndim == 2 and reference.shape[1] > 1:
+        out["top1_agreement"] = float(np.mean(np.argmax(reference, 1) == np.argmax(other, 1)))
+    return out

@@ -1,0 +1,40 @@
+"""The method ladder on models built here (BN calibrated, so the BN prior holds):
+udfc < mean < none at prune 0.3 bits 6; expected-error selection < norm selection; the default
+quantization recipe < round-to-nearest max-abs at 4 bits."""
+import numpy as np
+import pytest
+
+from builders import depthwise_block, plain_chain, random_input, rel_error, run
+from onnx_udfc import compress
+
+
+def output_error(model, x, **kw):
+    out, _ = compress(model, validate=False, **kw)
+    return rel_error(run(model, x), run(out, x))
+
+
+@pytest.fixture(scope="module", params=["plain", "depthwise"])
+def case(request):
+    model = plain_chain(seed=11) if request.param == "plain" else depthwise_block(seed=12)
+    return model, random_input(model, batch=64, seed=9)
+
+
+def test_method_ladder_at_prune_03_bits_6(case):
+    model, x = case
+    errors = {m: output_error(model, x, prune=0.3, bits=6, method=m) for m in ("none", "mean", "udfc")}
+    assert errors["udfc"] < errors["mean"] < errors["none"], errors
+
+
+def test_expected_error_selection_beats_norm(case):
+    model, x = case
+    e_sel = output_error(model, x, prune=0.3, bits=32, select="expected-error")
+    n_sel = output_error(model, x, prune=0.3, bits=32, select="norm")
+    assert e_sel < n_sel, (e_sel, n_sel)
+
+
+def test_default_quantization_beats_naive_at_4_bits(case):
+    model, x = case
+    default = output_error(model, x, bits=4, first_last_bits=0)
+    naive = output_error(model, x, bits=4, first_last_bits=0, grid="symmetric", clip="max", rounding="nearest",
+                         bias_correction=False)
+    assert default < naive, (default, naive)
