@@ -34,7 +34,7 @@ def test_expected_error_selection_beats_norm(case):
 
 def test_default_quantization_beats_naive_at_4_bits(case):
     model, x = case
-    default = output_error(model, x, bits=4, first_last_bits=0)
-    naive = output_error(model, x, bits=4, first_last_bits=0, grid="symmetric", clip="max", rounding="nearest",
+    default = output_error(model, x, bits=4, first_last_bits=None)
+    naive = output_error(model, x, bits=4, first_last_bits=None, grid="symmetric", clip="max", rounding="nearest",
                          bias_correction=False)
     assert default < naive, (default, naive)

@@ -189,10 +189,11 @@ class Graph:
         return {i.name for i in self.graph.input}
 
     def remove_nodes(self, nodes: Iterable[onnx.NodeProto]) -> None:
+        """Delete `nodes` in place (by index, so references to the other nodes stay valid)."""
         drop = {id(n) for n in nodes}
-        keep = [n for n in self.graph.node if id(n) not in drop]
-        del self.graph.node[:]
-        self.graph.node.extend(keep)
+        for i in reversed(range(len(self.graph.node))):
+            if id(self.graph.node[i]) in drop:
+                del self.graph.node[i]
         self.invalidate()
 
     def rename_tensor_uses(self, old: str, new: str) -> None:
@@ -224,15 +225,13 @@ class Graph:
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     for sg in a.graphs:
                         used.update(_subgraph_reads(sg))
-        keep = [t for t in self.graph.initializer if t.name in used]
-        removed = len(self.graph.initializer) - len(keep)
+        dropped = {t.name for t in self.graph.initializer if t.name not in used}
+        removed = len(dropped)
         if removed:
-            dropped = {t.name for t in self.graph.initializer} - {t.name for t in keep}
-            del self.graph.initializer[:]
-            self.graph.initializer.extend(keep)
-            inputs = [i for i in self.graph.input if i.name not in dropped]
-            del self.graph.input[:]
-            self.graph.input.extend(inputs)
+            for field in (self.graph.initializer, self.graph.input):
+                for i in reversed(range(len(field))):
+                    if field[i].name in dropped:
+                        del field[i]
             for name in dropped:
                 self._arrays.pop(name, None)
             self.invalidate()

@@ -22,8 +22,8 @@ class NormalizeGraphPass(Pass):
         inits = set(graph.initializers)
         listed = [i for i in graph.graph.input if i.name in inits]
         if listed and graph.model.ir_version >= 4:
-            keep = [i for i in graph.graph.input if i.name not in inits]
-            del graph.graph.input[:]
-            graph.graph.input.extend(keep)
+            for i in reversed(range(len(graph.graph.input))):
+                if graph.graph.input[i].name in inits:
+                    del graph.graph.input[i]
         graph.invalidate()
         return PassResult(bool(named or listed), {"nodes_named": named, "initializer_inputs_removed": len(listed)})
