@@ -38,8 +38,7 @@ def test_multiple_of_kept_channel_is_reconstructed_exactly(method):
     model = duplicate_channel_model()
     kw = {"ridge": 0.0} if method == "udfc" else {}
     # prune 1 of 8 channels; the expected-error selection must pick the redundant one (or its twin)
-    out, report = compress(model, prune=0.125, bits=32, method=method,
-                           select="expected-error" if method == "udfc" else "norm", **kw)
+    out, report = compress(model, prune=0.125, bits=32, method=method, select="expected-error", **kw)
     pruned = report.layers[0]["pruned"]
     assert pruned in ([5], [2]), pruned
     x = random_input(model)

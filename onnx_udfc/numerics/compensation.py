@@ -1,0 +1,221 @@
+"""Compensation of removed (or damaged) channels by the consumer layer (methods.md section 3).
+
+Every method returns an affine predictor ``a ~ S a_K + t`` of all N producer activations from the
+kept ones (``S`` (N, |K|), ``t`` (N,)); :func:`apply_compensation` folds it into the consumer:
+``V'[:, k] = sum_j V[:, j] S[j, k]``, ``b' = b + sum_j t_j sum_taps V[:, j]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import scipy.linalg
+
+from .covariance import _spatial_corr
+
+__all__ = [
+    "solve_affine_compensation",
+    "mean_compensation",
+    "neuron_merging",
+    "apply_compensation",
+    "compensation_error",
+]
+
+log = logging.getLogger(__name__)
+
+
+def _kept(kept, n: int) -> np.ndarray:
+    kept = np.asarray(kept, dtype=np.int64).reshape(-1)
+    if kept.size and (kept.min() < 0 or kept.max() >= n or np.unique(kept).size != kept.size):
+        raise ValueError("kept must hold distinct indices in [0, N)")
+    return kept
+
+
+def solve_affine_compensation(mean, cov, kept, ridge: float = 0.0, extra_noise=None) -> tuple[np.ndarray, np.ndarray]:
+    """Best affine predictor of all channels from the kept ones (least squares, free intercept).
+
+    Formula: ``A = cov[K, K] + ridge * mean(diag(cov[K, K])) I + diag(extra_noise)``,
+    ``S = cov[:, K] A^{-1}``, ``t = mean - S mean[K]``. ``extra_noise`` is independent zero-mean noise
+    on the observed kept channels (e.g. quantization), which shrinks their own rows below identity
+    (UDFC's S' / DF-MPC). With ``ridge == 0`` and no noise the kept rows are set to exactly the
+    identity and their ``t`` to 0.
+
+    Args:
+        mean: (N,) activation means. cov: (N, N) activation covariance.
+        kept: (|K|,) kept channel indices (column order of S).
+        ridge: relative ridge. extra_noise: optional (|K|,) noise variances.
+
+    Returns:
+        S: (N, |K|) float64, t: (N,) float64.
+    """
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    cov = np.asarray(cov, dtype=np.float64)
+    n = mean.shape[0]
+    if cov.shape != (n, n):
+        raise ValueError(f"cov must have shape ({n}, {n}), got {cov.shape}")
+    kept = _kept(kept, n)
+    nk = kept.size
+    if nk == 0:
+        return np.zeros((n, 0)), mean.copy()
+    a = cov[np.ix_(kept, kept)].copy()
+    a = 0.5 * (a + a.T)
+    if ridge:
+        a[np.diag_indices(nk)] += float(ridge) * float(np.mean(np.diag(a)))
+    if extra_noise is not None:
+        noise = np.asarray(extra_noise, dtype=np.float64).reshape(-1)
+        if noise.shape != (nk,) or np.any(noise < 0):
+            raise ValueError(f"extra_noise must be nonnegative with shape ({nk},)")
+        a[np.diag_indices(nk)] += noise
+    rhs = cov[kept, :]  # (|K|, N) = A S^T
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+            st = scipy.linalg.solve(a, rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, scipy.linalg.LinAlgWarning, ValueError):
+        log.debug("solve_affine_compensation: ill-conditioned system, using lstsq")
+        st = scipy.linalg.lstsq(a, rhs, cond=1e-12)[0]
+    s = st.T
+    if not ridge and extra_noise is None:
+        s[kept, :] = np.eye(nk)
+    t = mean - s @ mean[kept]
+    if not ridge and extra_noise is None:
+        t[kept] = 0.0
+    return s, t
+
+
+def mean_compensation(mean, kept) -> tuple[np.ndarray, np.ndarray]:
+    """Bias-only compensation (DFQ-style): ``a_m ~ E[a_m]`` for pruned m.
+
+    Returns:
+        S: (N, |K|) with ``S[kept[j], j] = 1`` and zero rows for pruned channels;
+        t: (N,) equal to ``mean`` on pruned rows and 0 on kept rows.
+    """
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    n = mean.shape[0]
+    kept = _kept(kept, n)
+    s = np.zeros((n, kept.size))
+    s[kept, np.arange(kept.size)] = 1.0
+    t = mean.copy()
+    t[kept] = 0.0
+    return s, t
+
+
+def neuron_merging(w_hat, b_hat, kept, threshold: float = 0.45) -> tuple[np.ndarray, np.ndarray]:
+    """Neuron Merging (Kim et al. 2020): each pruned channel is replaced by a scaled kept partner.
+
+    For pruned m the partner is ``k* = argmax_k cos([w_m, b_m], [w_k, b_k])`` over kept k (filter and
+    bias concatenated; ties: first in ``kept``); if that cosine exceeds ``threshold`` then
+    ``S[m, k*] = ||w_m|| / ||w_k*||``. This is exact when ``(w_m, b_m) = lambda (w_k, b_k)`` with
+    ``lambda > 0`` and the activation is positively homogeneous (ReLU, LeakyReLU, identity:
+    ``f(lambda z) = lambda f(z)``); for bounded activations (Clip, ReLU6) it is only an approximation.
+    ``t = 0``. Kept rows are identity.
+
+    Args:
+        w_hat: (N, D) BN-folded producer filters, flattened. b_hat: (N,) folded biases.
+        kept: (|K|,) kept indices. threshold: minimum cosine to merge.
+
+    Returns:
+        S: (N, |K|), t: (N,) zeros; float64.
+    """
+    w_hat = np.asarray(w_hat, dtype=np.float64)
+    n = w_hat.shape[0]
+    w_hat = w_hat.reshape(n, -1)
+    b_hat = np.zeros(n) if b_hat is None else np.asarray(b_hat, dtype=np.float64).reshape(-1)
+    kept = _kept(kept, n)
+    s, t = mean_compensation(np.zeros(n), kept)
+    pruned = np.setdiff1d(np.arange(n), kept)
+    if pruned.size == 0 or kept.size == 0:
+        return s, t
+    full = np.concatenate([w_hat, b_hat[:, None]], axis=1)
+    norms = np.linalg.norm(full, axis=1)
+    unit = full / np.where(norms > 0, norms, 1.0)[:, None]
+    cos = unit[pruned] @ unit[kept].T  # (|P|, |K|)
+    best = np.argmax(cos, axis=1)
+    best_cos = cos[np.arange(pruned.size), best]
+    wn = np.linalg.norm(w_hat, axis=1)
+    partner_norm = wn[kept[best]]
+    ok = (best_cos > threshold) & (partner_norm > 0)
+    s[pruned[ok], best[ok]] = wn[pruned[ok]] / partner_norm[ok]
+    log.debug("neuron_merging: %d of %d pruned channels merged", int(ok.sum()), pruned.size)
+    return s, t
+
+
+def apply_compensation(V, S, t) -> tuple[np.ndarray, np.ndarray]:
+    """Fold the predictor ``a ~ S a_K + t`` into the consumer weight.
+
+    Formulas: ``V_new[:, k, ...] = sum_j V[:, j, ...] S[j, k]``,
+    ``bias_delta[o] = sum_j t_j sum_taps V[o, j, ...]`` (exact except at zero-padded borders).
+
+    Args:
+        V: (M, N, *taps) consumer weight (taps empty for Gemm rows (M, N)).
+        S: (N, |K|). t: (N,).
+
+    Returns:
+        V_new: (M, |K|, *taps) with the dtype of V; bias_delta: (M,) float64.
+    """
+    V = np.asarray(V)
+    S = np.asarray(S, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    m, n = V.shape[:2]
+    if S.ndim != 2 or S.shape[0] != n or t.shape != (n,):
+        raise ValueError(f"S must be ({n}, K) and t ({n},), got {S.shape} and {t.shape}")
+    v64 = V.astype(np.float64)
+    v_new = np.moveaxis(np.tensordot(v64, S, axes=([1], [0])), -1, 1)
+    bias_delta = v64.reshape(m, n, -1).sum(axis=2) @ t
+    dtype = V.dtype if np.issubdtype(V.dtype, np.floating) else np.float64
+    return np.ascontiguousarray(v_new).astype(dtype), bias_delta
+
+
+def compensation_error(V, mean, cov, S, t, kept=None, spatial_rho: float = 0.0) -> float:
+    """Expected squared consumer-output error of a compensation ``a ~ S a_K + t``.
+
+    Model: the residual ``r = a - S a_K - t = B a - t`` (``B = I - S E_K``, ``E_K`` selects the kept
+    channels) has mean ``r0 = B mean - t`` and covariance ``R = B cov B^T``. The consumer output error
+    at a pixel is ``sum_taps V_tap r(p + tap)``; the residual's mean is the same at every tap and
+    its fluctuations are correlated ``spatial_rho ** |tap - tap'|_1`` between taps (default 0:
+    white). Then ``err = sum_{tap,tap'} rho^|.| tr(V_tap R V_tap'^T) + r0^T H r0``; at rho = 0 this is
+    ``tr(G R) + r0^T H r0`` with ``G = sum_tap V_tap^T V_tap``, ``H = (sum_tap V_tap)^T (sum_tap V_tap)``.
+
+    Args:
+        V: (M, N, *taps) or (M, N). mean: (N,). cov: (N, N). S: (N, |K|). t: (N,).
+        kept: (|K|,) kept indices (column order of S). Default: inferred as the channels whose rows
+            of S are unit vectors, in column order (the kept rows of every method here when
+            ridge == 0 and no noise); ValueError if that is ambiguous: pass kept explicitly.
+        spatial_rho: correlation of residual fluctuations between neighbouring taps.
+
+    Returns:
+        err: float.
+    """
+    V = np.asarray(V, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64).reshape(-1)
+    cov = np.asarray(cov, dtype=np.float64)
+    S = np.asarray(S, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64).reshape(-1)
+    m, n = V.shape[:2]
+    if kept is None:
+        kept = _infer_kept(S)
+    kept = _kept(kept, n)
+    b = np.eye(n)
+    b[:, kept] -= S
+    r0 = b @ mean - t
+    r = b @ cov @ b.T
+    taps = V.shape[2:]
+    v3 = V.reshape(m, n, -1)  # (M, N, T)
+    r_sp = _spatial_corr(taps, spatial_rho)
+    g = np.einsum("mit,tu,mju->ij", v3, r_sp, v3, optimize=True)
+    vsum = v3.sum(axis=2)
+    err = float(np.sum(g * r) + np.sum((vsum @ r0) ** 2))
+    return max(err, 0.0)
+
+
+def _infer_kept(S: np.ndarray) -> np.ndarray:
+    """Row index of the unit row for each column of S (raises if not unique)."""
+    unit = np.isclose(S, 1.0, rtol=0, atol=1e-12) & (np.count_nonzero(np.abs(S) > 1e-12, axis=1) == 1)[:, None]
+    rows, cols = np.nonzero(unit)
+    if np.unique(cols).size != S.shape[1] or cols.size != S.shape[1]:
+        raise ValueError("cannot infer kept channels from S; pass kept explicitly")
+    out = np.empty(S.shape[1], dtype=np.int64)
+    out[cols] = rows
+    return out

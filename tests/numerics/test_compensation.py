@@ -1,0 +1,184 @@
+import numpy as np
+import pytest
+
+from onnx_udfc.numerics.compensation import (apply_compensation, compensation_error, mean_compensation, neuron_merging,
+                                             solve_affine_compensation)
+
+
+def _random_stats(rng, n, rank=None):
+    a = rng.standard_normal((n, rank or n + 3))
+    cov = a @ a.T / a.shape[1]
+    mean = rng.normal(0.5, 1.0, n)
+    return mean, cov
+
+
+def test_affine_matches_monte_carlo_least_squares():
+    rng = np.random.default_rng(0)
+    n = 8
+    mean, cov = _random_stats(rng, n)
+    kept = np.array([0, 2, 3, 5, 7])
+    s, t = solve_affine_compensation(mean, cov, kept)
+    a = rng.multivariate_normal(mean, cov, size=200_000)
+    x = np.concatenate([a[:, kept], np.ones((a.shape[0], 1))], axis=1)
+    coef = np.linalg.lstsq(x, a, rcond=None)[0]  # (|K|+1, N)
+    np.testing.assert_allclose(s, coef[:-1].T, atol=0.02)
+    np.testing.assert_allclose(t, coef[-1], atol=0.02)
+
+
+def test_affine_kept_rows_are_exact_identity():
+    rng = np.random.default_rng(1)
+    mean, cov = _random_stats(rng, 6)
+    kept = np.array([4, 1, 3])  # any column order
+    s, t = solve_affine_compensation(mean, cov, kept)
+    np.testing.assert_array_equal(s[kept], np.eye(3))
+    np.testing.assert_array_equal(t[kept], 0.0)
+
+
+def test_affine_exact_multiple_is_reconstructed():
+    rng = np.random.default_rng(2)
+    n = 5
+    base = rng.standard_normal((n, n + 2))
+    base[3] = 2.5 * base[1]  # channel 3 = 2.5 * channel 1 (activations)
+    cov = base @ base.T
+    mean = rng.normal(1.0, 0.5, n)
+    mean[3] = 2.5 * mean[1]
+    kept = np.array([0, 1, 2, 4])
+    s, t = solve_affine_compensation(mean, cov, kept)
+    expected = np.zeros(4)
+    expected[1] = 2.5
+    np.testing.assert_allclose(s[3], expected, atol=1e-10)
+    assert abs(t[3]) < 1e-10
+    v = rng.standard_normal((3, n, 3, 3))
+    assert compensation_error(v, mean, cov, s, t, kept=kept) < 1e-16 * np.trace(cov) * np.sum(v**2) + 1e-18
+
+
+def test_affine_extra_noise_shrinks_kept_rows():
+    # independent channels: S[k, k] = var_k / (var_k + noise_k), UDFC's per-channel S'
+    var = np.array([1.0, 2.0, 0.5])
+    cov = np.diag(var)
+    mean = np.array([0.3, -1.0, 2.0])
+    noise = np.array([0.1, 0.0, 0.5])
+    s, t = solve_affine_compensation(mean, cov, np.arange(3), extra_noise=noise)
+    np.testing.assert_allclose(np.diag(s), var / (var + noise), rtol=1e-12)
+    np.testing.assert_allclose(t, mean * noise / (var + noise), rtol=1e-12, atol=1e-15)
+
+
+def test_affine_ridge_and_singular_kept_set():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((4, 6))
+    a[2] = a[0]  # two kept channels identical: singular normal equations
+    cov = a @ a.T
+    mean = np.zeros(4)
+    s, t = solve_affine_compensation(mean, cov, np.array([0, 1, 2]), ridge=0.0)
+    assert np.all(np.isfinite(s))
+    # prediction of channel 3 is still the least-squares one: residual variance as with kept {0, 1}
+    s2, _ = solve_affine_compensation(mean, cov, np.array([0, 1]))
+    pred = s[3] @ a[[0, 1, 2]]
+    pred2 = s2[3] @ a[[0, 1]]
+    np.testing.assert_allclose(pred, pred2, rtol=1e-8, atol=1e-8)
+    s_r, _ = solve_affine_compensation(mean, cov, np.array([0, 1, 2]), ridge=0.1)
+    assert np.all(np.abs(np.diag(s_r[[0, 1, 2]])) < 1.0)
+
+
+def test_mean_compensation_structure():
+    mean = np.array([1.0, 2.0, 3.0, 4.0])
+    s, t = mean_compensation(mean, np.array([2, 0]))
+    np.testing.assert_array_equal(s, [[0, 1], [0, 0], [1, 0], [0, 0]])
+    np.testing.assert_array_equal(t, [0.0, 2.0, 0.0, 4.0])
+
+
+def test_neuron_merging_exact_for_relu_multiple():
+    rng = np.random.default_rng(4)
+    n, c = 6, 5
+    w = rng.standard_normal((n, c))
+    b = rng.standard_normal(n)
+    w[4], b[4] = 1.7 * w[2], 1.7 * b[2]  # pruned 4 is a positive multiple of kept 2
+    kept = np.array([0, 1, 2, 3, 5])
+    s, t = neuron_merging(w, b, kept)
+    assert s[4, 2] == pytest.approx(1.7, rel=1e-12)
+    np.testing.assert_array_equal(t, 0.0)
+    np.testing.assert_array_equal(s[kept], np.eye(5))
+    # consumer output identical on random inputs (ReLU is positively homogeneous)
+    x = rng.standard_normal((1000, c))
+    act = np.maximum(x @ w.T + b, 0.0)
+    v = rng.standard_normal((3, n))
+    v_new, bias = apply_compensation(v, s, t)
+    np.testing.assert_allclose(act[:, kept] @ v_new.T + bias, act @ v.T, rtol=1e-10, atol=1e-10)
+
+
+def test_neuron_merging_threshold_and_partner_choice():
+    w = np.array([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [-1.0, 0.0]])
+    b = np.zeros(4)
+    s, _ = neuron_merging(w, b, np.array([0, 1]), threshold=0.45)
+    assert s[2, 0] == pytest.approx(np.linalg.norm(w[2]) / 1.0) and s[2, 1] == 0.0
+    np.testing.assert_array_equal(s[3], 0.0)  # anti-parallel: cosine -1 < threshold
+
+
+def test_apply_compensation_brute_force():
+    rng = np.random.default_rng(5)
+    m, n, kept = 4, 6, np.array([0, 2, 5])
+    v = rng.standard_normal((m, n, 3, 3)).astype(np.float32)
+    s = rng.standard_normal((n, 3))
+    t = rng.standard_normal(n)
+    v_new, bias = apply_compensation(v, s, t)
+    assert v_new.dtype == np.float32 and v_new.shape == (m, 3, 3, 3)
+    ref = np.zeros((m, 3, 3, 3))
+    ref_b = np.zeros(m)
+    for o in range(m):
+        for k in range(3):
+            for j in range(n):
+                ref[o, k] += v[o, j].astype(np.float64) * s[j, k]
+        for j in range(n):
+            ref_b[o] += t[j] * v[o, j].astype(np.float64).sum()
+    np.testing.assert_allclose(v_new, ref, rtol=1e-6)
+    np.testing.assert_allclose(bias, ref_b, rtol=1e-12)
+    # identity compensation is a bitwise column selection (prune 0 / none keeps weights exact)
+    s_id, t_id = mean_compensation(np.zeros(n), kept)
+    v_sel, b_sel = apply_compensation(v, s_id, t_id)
+    assert np.array_equal(v_sel, v[:, kept])
+    np.testing.assert_array_equal(b_sel, 0.0)
+    # Gemm rows (M, N)
+    vg = rng.standard_normal((m, n))
+    vg_new, bg = apply_compensation(vg, s, t)
+    np.testing.assert_allclose(vg_new, vg @ s, rtol=1e-12)
+    np.testing.assert_allclose(bg, vg @ t, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.6])
+def test_compensation_error_matches_monte_carlo(rho):
+    rng = np.random.default_rng(6)
+    n, m = 5, 3
+    mean, cov = _random_stats(rng, n)
+    kept = np.array([0, 1, 3])
+    s, t = mean_compensation(mean, kept)
+    t = t + 0.3  # a biased residual, so that the mean term matters
+    v = rng.standard_normal((m, n, 2, 2))
+    err = compensation_error(v, mean, cov, s, t, kept=kept, spatial_rho=rho)
+    # model: taps read residuals whose fluctuations are correlated rho^|d|_1, mean shared
+    taps = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    r_sp = np.array([[rho ** (abs(a[0] - b[0]) + abs(a[1] - b[1])) for b in taps] for a in taps])
+    joint = np.kron(cov, r_sp)  # (n*4, n*4), channel-major
+    draws = rng.multivariate_normal(np.repeat(mean, 4), joint, size=100_000).reshape(-1, n, 4)
+    b = np.eye(n)
+    b[:, kept] -= s
+    resid = np.einsum("ij,pjt->pit", b, draws) - t[None, :, None]
+    out = np.einsum("mjt,pjt->pm", v.reshape(m, n, 4), resid)
+    mc = np.mean(np.sum(out**2, axis=1))
+    assert err == pytest.approx(mc, rel=0.02)
+
+
+def test_compensation_ladder_never_increases_error():
+    rng = np.random.default_rng(7)
+    n, m = 12, 6
+    mean, cov = _random_stats(rng, n, rank=8)
+    mean = np.abs(mean) + 0.5
+    kept = np.sort(rng.choice(n, 8, replace=False))
+    v = rng.standard_normal((m, n, 3, 3))
+    s_none, t_none = mean_compensation(np.zeros(n), kept)
+    e_none = compensation_error(v, mean, cov, s_none, t_none, kept=kept)
+    e_mean = compensation_error(v, mean, cov, *mean_compensation(mean, kept), kept=kept)
+    e_udfc = compensation_error(v, mean, cov, *solve_affine_compensation(mean, cov, kept), kept=kept)
+    assert e_udfc <= e_mean <= e_none
+    assert e_udfc < 0.5 * e_mean and e_mean < 0.5 * e_none
+    # kept may be inferred from S when the kept rows are exact unit rows
+    assert compensation_error(v, mean, cov, *solve_affine_compensation(mean, cov, kept)) == pytest.approx(e_udfc)
