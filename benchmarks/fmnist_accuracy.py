@@ -39,6 +39,15 @@ def kl(p_logits, q_logits):
     return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
 
 
+def _number(text):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=os.path.expanduser("~/.cache/onnx-udfc/models"))
@@ -47,10 +56,14 @@ def main(argv=None):
     ap.add_argument("--bits", default="6")
     ap.add_argument("--methods", default="none,mean,merge,udfc")
     ap.add_argument("--select", default="expected-error")
+    ap.add_argument("--statistics", default="analytic")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra compress() option, e.g. ridge=0.1 (repeatable)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="fmnist_accuracy")
     args = ap.parse_args(argv)
 
+    extra = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
     images, labels = load_fashion_mnist("test")
     rows = []
     for name in args.names.split(","):
@@ -71,7 +84,7 @@ def main(argv=None):
                 continue
             t0 = time.perf_counter()
             out, report = onnx_udfc.compress(model, prune=prune, bits=bits, method=method, select=args.select,
-                                             validate=False)
+                                             statistics=args.statistics, validate=False, **extra)
             seconds = time.perf_counter() - t0
             logits = predict_onnx(out, images)
             row = dict(model=name, prune=prune, bits=bits, method=method, select=args.select,

@@ -26,8 +26,7 @@ log = logging.getLogger(__name__)
 
 def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method: str = "udfc",
              input_shapes: Optional[Dict[str, tuple]] = None, validate: bool = True,
-             max_rel_error: Optional[float] = None, seed: int = 0,
-             **options) -> Tuple[onnx.ModelProto, Report]:
+             max_rel_error: Optional[float] = None, **options) -> Tuple[onnx.ModelProto, Report]:
     """Compress `model` (not modified) and return the new model and its report.
 
     prune: fraction of channels removed per prunable chain; bits: 2..8 or 32 (off); method: none, mean,
@@ -46,7 +45,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
-    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes)
+    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes, original=model)
     records = []
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
@@ -71,8 +70,8 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
         from .validate.compare import compare_models
 
         t0 = time.perf_counter()
-        metrics = compare_models(model, out, shapes, seed=seed)
-        report.validation = {"inputs": "seeded standard normal, batch 8", "seed": seed, "outputs": metrics}
+        metrics = compare_models(model, out, shapes, seed=opts.seed)
+        report.validation = {"inputs": "seeded standard normal, batch 8", "seed": opts.seed, "outputs": metrics}
         report.seconds["validate"] = round(time.perf_counter() - t0, 4)
         if max_rel_error is not None:
             worst = max((m["rel_l2_error"] for m in metrics.values()), default=0.0)

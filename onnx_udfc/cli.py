@@ -18,7 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import __version__
-from .config import CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS
+from .config import CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS
 from .errors import UdfcError, UsageError, ValidationFailed
 
 log = logging.getLogger("onnx_udfc")
@@ -52,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison (checker still runs)")
     p.add_argument("--max-rel-error", type=float, default=None, metavar="E",
                    help="exit 1 (and write no model) when an output's relative L2 error exceeds E")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation inputs (default 0)")
+    p.add_argument("--statistics", choices=STATISTICS, default="analytic",
+                   help="source of the channel covariances used by udfc/mean and the selection (default analytic)")
+    p.add_argument("--samples", type=int, default=32, metavar="N",
+                   help="synthetic images for --statistics synthetic (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic and validation inputs (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress")
     p.add_argument("--debug", action="store_true", help="check the model after every pass; tracebacks on errors")
@@ -113,6 +117,7 @@ def _run(args) -> int:
     compressed, report = compress(
         model, prune=args.prune, bits=args.bits, method=args.method, input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
+        statistics=args.statistics, samples=args.samples,
         select=args.select, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)

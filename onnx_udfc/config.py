@@ -11,6 +11,7 @@ SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
 ROUNDINGS = ("balanced", "nearest")
+STATISTICS = ("analytic", "synthetic")
 
 
 @dataclass
@@ -26,6 +27,8 @@ class Options:
     first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
     ridge: shrinkage of the compensation solve, relative to the mean channel variance.
     selection_ridge: shrinkage used by the expected-error selection.
+    statistics: where chain covariances come from: `analytic` (BN prior and weights) or `synthetic`
+        (`samples` seeded pink-noise images pushed through the model, BNs on batch statistics).
     """
 
     prune: float = 0.0
@@ -37,8 +40,11 @@ class Options:
     rounding: str = "balanced"
     bias_correction: bool = True
     first_last_bits: Optional[int] = 8
-    ridge: float = 0.01
-    selection_ridge: float = 1.0
+    ridge: float = 0.001
+    selection_ridge: float = 0.1
+    statistics: str = "analytic"
+    samples: int = 32
+    seed: int = 0
     input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     debug: bool = False
 
@@ -51,9 +57,12 @@ class Options:
             raise UsageError(f"--first-last-bits must be 2..8 or 32, got {self.first_last_bits}")
         for name, value, allowed in (("method", self.method, METHODS), ("select", self.select, SELECTIONS),
                                      ("grid", self.grid, GRIDS), ("clip", self.clip, CLIPS),
-                                     ("rounding", self.rounding, ROUNDINGS)):
+                                     ("rounding", self.rounding, ROUNDINGS),
+                                     ("statistics", self.statistics, STATISTICS)):
             if value not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 2 <= int(self.samples) <= 4096:
+            raise UsageError(f"--samples must be 2..4096, got {self.samples}")
         if self.ridge < 0 or self.selection_ridge < 0:
             raise UsageError("ridge values must be >= 0")
         return self

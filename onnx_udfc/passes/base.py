@@ -44,6 +44,9 @@ class PassContext:
     stats: Any = None
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     quant_noise: Dict[str, Any] = field(default_factory=dict)
+    original: Any = None  # the input ModelProto, read-only (synthetic statistics run it)
+    chains: List[Any] = field(default_factory=list)
+    rejections: List[Any] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     def layer(self, node: onnx.NodeProto) -> Dict[str, Any]:

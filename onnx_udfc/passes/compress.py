@@ -17,6 +17,7 @@ from ..ir.layers import LINEAR_OPS, read_layer
 from ..ir.shapes import infer_static_shapes, refresh_value_info
 from ..patterns.chains import ChainFinder
 from ..stats.model import AnalyticStatistics
+from ..stats.sampled import SampledStatistics
 from .base import Pass, PassContext, PassResult
 from .prune import prune_chain
 from .quantize import quantize_layer
@@ -25,13 +26,30 @@ log = logging.getLogger(__name__)
 
 
 class StatisticsPass(Pass):
+    """Shapes, chains (read-only) and the statistics model chosen by `options.statistics`."""
+
     name = "statistics"
 
     def run(self, ctx: PassContext) -> PassResult:
         ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes)
-        ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
+        ctx.chains, ctx.rejections = ChainFinder(ctx.graph, ctx.shapes).find()
+        kind = ctx.options.statistics
+        needs_samples = kind == "synthetic" and ctx.options.prune > 0 and ctx.chains
+        if needs_samples and _single_image_input(ctx):
+            ctx.stats = SampledStatistics(ctx.graph, ctx.shapes, ctx.priors, ctx.original, ctx.chains,
+                                          ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed)
+        else:
+            if needs_samples:
+                ctx.notes.append("synthetic statistics need one 4-D image input: analytic statistics used")
+            ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
+        ctx.stats.register_chains(ctx.chains)
         unknown = dict(sorted(ctx.stats.unknown_ops.items()))
         return PassResult(False, {"source": ctx.stats.source, "ops_without_moments": unknown})
+
+
+def _single_image_input(ctx: PassContext) -> bool:
+    shapes = list(ctx.input_shapes.values())
+    return len(shapes) == 1 and len(shapes[0]) == 4
 
 
 def boundary_layers(graph) -> Set[int]:
@@ -62,7 +80,7 @@ class CompressLayersPass(Pass):
 
     def run(self, ctx: PassContext) -> PassResult:
         graph, options = ctx.graph, ctx.options
-        chains, rejections = ChainFinder(graph, ctx.shapes).find()
+        chains, rejections = ctx.chains, ctx.rejections
         for rejection in rejections:
             ctx.layer(rejection.node).setdefault("skipped", []).append("pruning: " + rejection.reason)
         for chain in chains:

@@ -56,6 +56,9 @@ class AnalyticStatistics(StatisticsModel):
                  spatial_rho: float = SPATIAL_RHO):
         self.graph = graph
         self.spatial_rho = spatial_rho
+        self.input_correlation = True
+        self._by_output: Dict[str, Chain] = {}
+        self._cache: Dict[str, Moments] = {}
         propagator = MomentPropagator(graph, shapes, priors)
         self.moments = propagator.run()
         self.unknown_ops = propagator.unknown_ops
@@ -69,7 +72,17 @@ class AnalyticStatistics(StatisticsModel):
     def tensor_moments(self, tensor: str) -> Optional[Moments]:
         return self.moments.get(tensor)
 
+    def register_chains(self, chains) -> None:
+        """Remember the chains so a producer's input correlation can come from the chain that feeds it."""
+        self._by_output = {c.last_stage.output: c for c in chains}
+
     def chain_statistics(self, chain: Chain) -> Optional[Moments]:
+        key = chain.last_stage.output
+        if key not in self._cache:
+            self._cache[key] = self._chain_statistics(chain)
+        return self._cache[key]
+
+    def _chain_statistics(self, chain: Chain) -> Optional[Moments]:
         producer = read_layer(self.graph, chain.producer)
         pre = self.tensor_moments(chain.producer.output[0])
         if producer is None or pre is None:
@@ -77,7 +90,14 @@ class AnalyticStatistics(StatisticsModel):
         inp = self.tensor_moments(chain.producer.input[0])
         c_in = producer.rows.shape[1]
         var_in = inp[1] if inp is not None and inp[1].shape[0] == c_in else np.ones(c_in)
-        corr, _ = cov_to_corr(conv_preactivation_covariance(producer.rows, var_in, spatial_rho=self.spatial_rho))
+        input_corr = None
+        upstream = self._by_output.get(chain.producer.input[0]) if self.input_correlation else None
+        if upstream is not None and upstream is not chain:
+            up = self.chain_statistics(upstream)
+            if up is not None and up[0].shape[0] == c_in:
+                input_corr, _ = cov_to_corr(up[1])
+        corr, _ = cov_to_corr(conv_preactivation_covariance(producer.rows, var_in, spatial_rho=self.spatial_rho,
+                                                            input_corr=input_corr))
         mu, var = pre
         mean, cov = self._stage(mu, var, corr, chain.first)
         if chain.depthwise is None:
@@ -122,6 +142,9 @@ class AnalyticStatistics(StatisticsModel):
         path: [(tensor, columns per channel)]; a flattened tensor keeps whole column blocks.
         """
         for tensor, block in path:
+            cached = self._cache.get(tensor)
+            if cached is not None and cached[0].shape[0] > kept.max(initial=0):
+                self._cache[tensor] = (cached[0][kept], cached[1][np.ix_(kept, kept)])
             moments = self.moments.get(tensor)
             if moments is None:
                 continue

@@ -1,0 +1,183 @@
+"""Statistics from synthetic inputs pushed through the model (still no data).
+
+`SampledStatistics` runs the model in onnxruntime on a seeded batch of synthetic images and measures
+the mean and channel covariance at every chain's compensation point. Two things make the samples look
+like the real activations without any real data:
+
+- the inputs are pink noise (amplitude spectrum ~ 1/f, per channel zero mean and unit variance, as
+  normalised images are), which has the spatial correlation of natural images;
+- every BatchNormalization normalises with the statistics of the synthetic batch itself (mean and
+  variance over batch and positions) instead of its running statistics, so every BN output follows
+  its prior `N(beta, gamma^2)` exactly, whatever the synthetic inputs' distribution.
+
+Per-tensor moments (used by quantization) stay with the analytic model, which they match well.
+The same class measures real data in the benchmarks (`inputs=` real images, `batch_norm="running"`),
+which is how the statistics models are judged; the tool itself never uses data.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..ir.graph import Graph, attr
+from ..patterns.chains import Chain
+from .model import AnalyticStatistics, Moments
+
+log = logging.getLogger(__name__)
+
+MAX_POSITIONS_PER_IMAGE = 1024
+
+
+def pink_noise(shape: Sequence[int], seed: int = 0, exponent: float = 1.0) -> np.ndarray:
+    """(B, C, H, W) float32 noise with amplitude spectrum 1/f^exponent, standardised per image and channel."""
+    b, c, h, w = shape
+    rng = np.random.default_rng(seed)
+    white = rng.standard_normal((b, c, h, w))
+    fy = np.fft.fftfreq(h)[:, None]
+    fx = np.fft.rfftfreq(w)[None, :]
+    f = np.sqrt(fy ** 2 + fx ** 2)
+    f[0, 0] = 1.0 / max(h, w)
+    spectrum = np.fft.rfft2(white) / f ** exponent
+    x = np.fft.irfft2(spectrum, s=(h, w))
+    x -= x.mean(axis=(2, 3), keepdims=True)
+    x /= x.std(axis=(2, 3), keepdims=True) + 1e-12
+    return x.astype(np.float32)
+
+
+def batch_statistics_probe(model: onnx.ModelProto, outputs: List[str], shapes: Dict[str, tuple],
+                           batch_norm: str = "batch") -> onnx.ModelProto:
+    """Copy of `model` whose outputs are `outputs`; with batch_norm="batch" every inference BN is rewritten to
+    normalise by its input's batch statistics: `y = (x - mean_b) / sqrt(var_b + eps) * gamma + beta`."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    g = probe.graph
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in outputs)
+    if batch_norm != "batch":
+        return probe
+    opset = next((i.version for i in probe.opset_import if i.domain in ("", "ai.onnx")), 13)
+    graph = Graph(probe)
+    for index in reversed(range(len(g.node))):
+        node = g.node[index]
+        if node.op_type != "BatchNormalization" or attr(node, "training_mode", 0):
+            continue
+        shape = shapes.get(node.input[0])
+        gamma, beta = graph.constant(node.input[1]), graph.constant(node.input[2])
+        if shape is None or gamma is None or beta is None:
+            log.warning("BatchNormalization %s keeps its running statistics in the probe (unknown shape)", node.name)
+            continue
+        rank = len(shape)
+        axes = [0] + list(range(2, rank))
+        bshape = (1, -1) + (1,) * (rank - 2)
+        p = f"udfc_bnstat{index}_"
+        x, y = node.input[0], node.output[0]
+        eps = float(attr(node, "epsilon", 1e-5))
+        inits = {p + "gamma": gamma.astype(np.float32).reshape(bshape),
+                 p + "beta": beta.astype(np.float32).reshape(bshape),
+                 p + "eps": np.array(eps, np.float32)}
+        if opset >= 18:
+            inits[p + "axes"] = np.array(axes, np.int64)
+        g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+
+        def reduce_mean(inp, out):
+            if opset >= 18:
+                return helper.make_node("ReduceMean", [inp, p + "axes"], [out], keepdims=1)
+            return helper.make_node("ReduceMean", [inp], [out], axes=axes, keepdims=1)
+
+        new = [reduce_mean(x, p + "mean"), helper.make_node("Sub", [x, p + "mean"], [p + "d"]),
+               helper.make_node("Mul", [p + "d", p + "d"], [p + "d2"]), reduce_mean(p + "d2", p + "var"),
+               helper.make_node("Add", [p + "var", p + "eps"], [p + "ve"]),
+               helper.make_node("Sqrt", [p + "ve"], [p + "sd"]),
+               helper.make_node("Div", [p + "d", p + "sd"], [p + "n"]),
+               helper.make_node("Mul", [p + "n", p + "gamma"], [p + "s"]),
+               helper.make_node("Add", [p + "s", p + "beta"], [y])]
+        del g.node[index]
+        for offset, n in enumerate(new):
+            g.node.insert(index + offset, n)
+    return probe
+
+
+class _Accumulator:
+    """Running sums for the mean and covariance of the channels (axis 1) of a tensor."""
+
+    def __init__(self):
+        self.n = 0
+        self.total = None
+        self.outer = None
+
+    def add(self, t: np.ndarray) -> None:
+        c = t.shape[1]
+        a = np.moveaxis(t, 1, -1).reshape(t.shape[0], -1, c)
+        step = max(1, a.shape[1] // MAX_POSITIONS_PER_IMAGE)
+        a = a[:, ::step].reshape(-1, c).astype(np.float64)
+        if self.total is None:
+            self.total, self.outer = np.zeros(c), np.zeros((c, c))
+        self.n += a.shape[0]
+        self.total += a.sum(axis=0)
+        self.outer += a.T @ a
+
+    def result(self) -> Moments:
+        mean = self.total / self.n
+        cov = self.outer / self.n - np.outer(mean, mean)
+        return mean, 0.5 * (cov + cov.T)
+
+
+class SampledStatistics(AnalyticStatistics):
+    """Chain covariances measured on synthetic (or, in benchmarks, real) inputs; moments analytic."""
+
+    def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
+                 original: onnx.ModelProto, chains: List[Chain], input_shapes: Dict[str, tuple],
+                 samples: int = 32, seed: int = 0, inputs: Optional[np.ndarray] = None,
+                 batch_norm: str = "batch", batch: int = 16):
+        super().__init__(graph, shapes, priors)
+        names = sorted({c.last_stage.output for c in chains})
+        self._measured: Dict[str, Moments] = {}
+        self._kept: Dict[str, np.ndarray] = {}
+        if not names:
+            return
+        input_name = next(iter(input_shapes))
+        if inputs is None:
+            shape = (samples,) + tuple(input_shapes[input_name][1:])
+            if len(shape) != 4:
+                raise ValueError("synthetic inputs need one 4-D image input")
+            inputs = pink_noise(shape, seed=seed)
+        import onnxruntime as ort
+
+        from ..ir.shapes import infer_static_shapes
+
+        orig_shapes = infer_static_shapes(original, input_shapes)  # BN inputs vanished from the folded graph
+        probe = batch_statistics_probe(original, names, orig_shapes, batch_norm=batch_norm)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1  # deterministic sums, identical output bytes on every machine
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        accumulators = {n: _Accumulator() for n in names}
+        # batch-statistics BN needs whole batches: use one batch unless the caller asked for more
+        step = len(inputs) if batch_norm == "batch" else batch
+        for start in range(0, len(inputs), step):
+            values = session.run(names, {input_name: inputs[start:start + step]})
+            for name, value in zip(names, values):
+                accumulators[name].add(value)
+        self._measured = {n: acc.result() for n, acc in accumulators.items()}
+        self.source = (f"channel covariances from {len(inputs)} synthetic pink-noise images pushed through the "
+                       f"model with every BN normalising by its batch statistics (seed {seed}); "
+                       + self.source)
+
+    def chain_statistics(self, chain: Chain) -> Optional[Moments]:
+        name = chain.last_stage.output
+        measured = self._measured.get(name)
+        if measured is None or measured[0].shape[0] != chain.channels:
+            return super().chain_statistics(chain)
+        return measured
+
+    def restrict(self, path, kept: np.ndarray) -> None:
+        super().restrict(path, kept)
+        for tensor, block in path:
+            if tensor in self._measured and block == 1:
+                mean, cov = self._measured[tensor]
+                if mean.shape[0] > kept.max(initial=0):
+                    self._measured[tensor] = (mean[kept], cov[np.ix_(kept, kept)])

@@ -1,0 +1,95 @@
+"""The statistics models: moment propagation, analytic chain covariances, synthetic samples."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from builders import depthwise_block, plain_chain, random_input, rel_error, run
+from onnx_udfc import compress
+from onnx_udfc.config import Options
+from onnx_udfc.ir.graph import Graph
+from onnx_udfc.ir.shapes import infer_static_shapes, resolve_input_shapes
+from onnx_udfc.passes.base import PassContext
+from onnx_udfc.passes.compress import StatisticsPass
+from onnx_udfc.passes.fold_bn import FoldBatchNormPass
+from onnx_udfc.passes.normalize import NormalizeGraphPass
+from onnx_udfc.stats.sampled import batch_statistics_probe, pink_noise
+
+
+def prepared(model, **options):
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    ctx = PassContext(graph=Graph(model), options=Options(**options), input_shapes=resolve_input_shapes(model),
+                      original=original)
+    for p in (NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass()):
+        p.run(ctx)
+    return ctx
+
+
+def measured_chain_stats(model, chain, x):
+    probe = batch_statistics_probe(model, [chain.last_stage.output], {}, batch_norm="running")
+    a = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    a = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float64)
+    return a.mean(0), np.cov(a, rowvar=False)
+
+
+def test_analytic_chain_statistics_match_calibrated_model():
+    """BN calibrated on N(0,1) inputs: the predicted means/correlations follow the measured ones."""
+    for model in (plain_chain(seed=2), depthwise_block(seed=3)):
+        ctx = prepared(onnx.load_from_string(model.SerializeToString()))
+        x = random_input(model, batch=64, seed=4)
+        for chain in ctx.chains[:2]:
+            mean, cov = ctx.stats.chain_statistics(chain)
+            real_mean, real_cov = measured_chain_stats(model, chain, x)
+            assert np.corrcoef(mean, real_mean)[0, 1] > 0.8
+            sd, real_sd = np.sqrt(np.diag(cov)), np.sqrt(np.diag(real_cov))
+            assert 0.6 < np.median(sd / real_sd) < 1.6
+            iu = np.triu_indices(len(mean), 1)
+            corr = cov / np.outer(sd, sd)
+            real_corr = real_cov / np.outer(real_sd, real_sd)
+            assert np.corrcoef(corr[iu], real_corr[iu])[0, 1] > 0.5
+
+
+def test_pink_noise_is_standardised_and_spatially_correlated():
+    x = pink_noise((4, 3, 32, 32), seed=1)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(axis=(2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(x.std(axis=(2, 3)), 1, atol=1e-4)
+    lag1 = np.mean(x[:, :, :, 1:] * x[:, :, :, :-1])
+    assert 0.5 < lag1 < 0.99
+    np.testing.assert_array_equal(x, pink_noise((4, 3, 32, 32), seed=1))
+
+
+def test_batch_statistics_probe_makes_bn_outputs_follow_the_prior():
+    model = plain_chain(seed=5)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    g = Graph(model)
+    gamma, beta = g.constant(bn.input[1]), g.constant(bn.input[2])
+    shapes = infer_static_shapes(model, {"input": (1, 3, 16, 16)})
+    probe = batch_statistics_probe(model, [bn.output[0]], shapes, batch_norm="batch")
+    assert not any(n.op_type == "BatchNormalization" and n.output[0] == bn.output[0] for n in probe.graph.node)
+    x = 3.0 * pink_noise((8, 3, 16, 16), seed=2) + 1.0  # far from the data the BN was calibrated on
+    z = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_allclose(z.mean(axis=(0, 2, 3)), beta, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=(0, 2, 3)), np.abs(gamma), rtol=1e-3)
+
+
+def test_synthetic_statistics_compress_and_are_deterministic():
+    model = plain_chain(seed=6)
+    a, report = compress(model, prune=0.3, bits=6, statistics="synthetic", samples=16)
+    b, _ = compress(model, prune=0.3, bits=6, statistics="synthetic", samples=16)
+    assert a.SerializeToString() == b.SerializeToString()
+    assert "pink-noise" in report.statistics_source
+    x = random_input(model)
+    assert rel_error(run(model, x), run(a, x)) < 0.5
+
+
+def test_moment_propagation_without_bn_tracks_real_means():
+    from builders import fold_all_batchnorm
+
+    model = fold_all_batchnorm(plain_chain(seed=7))
+    ctx = prepared(onnx.load_from_string(model.SerializeToString()))
+    x = random_input(model, batch=64, seed=8)
+    chain = ctx.chains[0]
+    mean, _ = ctx.stats.chain_statistics(chain)
+    real_mean, _ = measured_chain_stats(model, chain, x)
+    assert np.corrcoef(mean, real_mean)[0, 1] > 0.8
