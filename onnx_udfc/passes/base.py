@@ -34,6 +34,7 @@ class PassContext:
     `stats`: the statistics model (set by the statistics pass).
     `layers`: per-layer report records keyed by node name.
     `quant_noise[tensor]`: per-channel variance of the quantization error of a linear layer's output.
+    `residual_noise[tensor]`: per-channel variance of a consumer's output error left by its compensation.
     """
 
     graph: Graph
@@ -44,6 +45,7 @@ class PassContext:
     stats: Any = None
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     quant_noise: Dict[str, Any] = field(default_factory=dict)
+    residual_noise: Dict[str, Any] = field(default_factory=dict)
     original: Any = None  # the input ModelProto, read-only (synthetic statistics run it)
     chains: List[Any] = field(default_factory=list)
     rejections: List[Any] = field(default_factory=list)

@@ -66,6 +66,8 @@ def prune_chain(ctx: PassContext, chain: Chain) -> None:
         pruned = select_by_norm(flat_producer, n_remove)
     kept = np.setdiff1d(np.arange(n), pruned)
     s, t = _compensation(ctx, chain, method, statistics, kept, flat_producer, producer.bias)
+    if statistics is not None:
+        ctx.residual_noise[chain.consumer.output[0]] = consumer_residual_variance(v_taps, statistics[1], s, kept)
     v_new, bias_delta = apply_compensation(v_taps, s, t)
     consumer_bias = consumer.bias
     if np.any(bias_delta != 0):
@@ -79,6 +81,18 @@ def prune_chain(ctx: PassContext, chain: Chain) -> None:
     if ctx.stats is not None:
         ctx.stats.restrict(chain.path, kept)
     record.update(channels_after=int(kept.size), pruned=[int(i) for i in pruned], method=method, select=select)
+
+
+def consumer_residual_variance(v_taps: np.ndarray, cov: np.ndarray, s: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Per-output-channel variance of the consumer's error after compensation, (M,).
+
+    Residual `r = a - S a_K - t` has covariance `R = B cov B^T`, `B = I - S E_K`; the consumer output error
+    `sum_taps V_tap r` has variance `sum_taps diag(V_tap R V_tap^T)` (taps read independent residuals).
+    """
+    b = np.eye(cov.shape[0])
+    b[:, kept] -= s
+    r = b @ cov @ b.T
+    return np.maximum(np.einsum("mit,ij,mjt->m", v_taps, r, v_taps, optimize=True), 0.0)
 
 
 def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept: np.ndarray,
@@ -99,19 +113,29 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
 
 
 def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: np.ndarray) -> Optional[np.ndarray]:
-    """Quantization noise variance of the kept channels at the consumer's input (None if unquantized).
+    """Noise variance of the kept channels at the consumer's input (None if there is none).
 
-    Pre-activation noise of the last linear layer (plus the producer's noise through the depthwise
-    kernel, `||k_m||^2` times), times the activation's mean slope squared.
+    Noise = what earlier steps already got wrong: the quantization error of the producer (and of the
+    depthwise conv) and the residual of the compensation upstream (the producer's own input was pruned),
+    as pre-activation variances; through the depthwise kernel the producer's noise counts `||k_m||^2`
+    times; then times the activation's mean slope squared. It shrinks S like errors-in-variables
+    regression: a noisy kept channel is trusted less.
     """
+    def pre_noise(node):
+        out = node.output[0]
+        parts = [ctx.quant_noise.get(out), ctx.residual_noise.get(out) if ctx.options.upstream_noise else None]
+        parts = [np.asarray(p, np.float64) for p in parts if p is not None and np.size(p) == chain.channels]
+        return sum(parts) if parts else None
+
     last = chain.depthwise if chain.depthwise is not None else chain.producer
-    noise = ctx.quant_noise.get(last.output[0])
+    noise = pre_noise(last)
+    if chain.depthwise is not None:
+        upstream = pre_noise(chain.producer)
+        if upstream is not None:
+            kernel = ctx.graph.constant(chain.depthwise.input[1]).reshape(chain.channels, -1).astype(np.float64)
+            noise = (0 if noise is None else noise) + upstream * (kernel ** 2).sum(axis=1)
     if noise is None:
         return None
-    noise = np.asarray(noise, np.float64).copy()
-    if chain.depthwise is not None and chain.producer.output[0] in ctx.quant_noise:
-        kernel = ctx.graph.constant(chain.depthwise.input[1]).reshape(chain.channels, -1).astype(np.float64)
-        noise += ctx.quant_noise[chain.producer.output[0]] * (kernel ** 2).sum(axis=1)
     pre = ctx.stats.tensor_moments(last.output[0])
     if pre is None:
         return None
