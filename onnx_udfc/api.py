@@ -62,6 +62,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
         before=before,
         after=ModelSize(count_params(out), out.ByteSize(), count_macs(out, shapes)),
         layers=_layer_records(ctx),
+        coupled_groups=ctx.coupled_groups,
         passes=records,
         notes=list(ctx.notes),
     )

@@ -141,3 +141,15 @@ def test_opset_11_and_newest(opset):
         raise
     assert out.opset_import[0].version == opset
     assert err < 0.35
+
+
+def test_residual_coupled_group_is_reported():
+    model = residual_block()
+    _, report = compress(model, prune=0.3, bits=32, validate=False)
+    assert len(report.coupled_groups) == 1
+    names = {n.name for n in model.graph.node if n.op_type == "Conv"}
+    group = report.coupled_groups[0]
+    assert len(group) == 2 and set(group) <= names
+    # the block's first conv is not in the group: it is pruned
+    first_of_block = [l for l in report.layers if l.get("channels_after") == 12]
+    assert first_of_block and first_of_block[0]["name"] not in group

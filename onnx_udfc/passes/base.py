@@ -49,6 +49,7 @@ class PassContext:
     original: Any = None  # the input ModelProto, read-only (synthetic statistics run it)
     chains: List[Any] = field(default_factory=list)
     rejections: List[Any] = field(default_factory=list)
+    coupled_groups: List[List[str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
     def layer(self, node: onnx.NodeProto) -> Dict[str, Any]:

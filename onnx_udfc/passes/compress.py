@@ -16,6 +16,7 @@ import onnx
 from ..ir.layers import LINEAR_OPS, read_layer
 from ..ir.shapes import infer_static_shapes, refresh_value_info
 from ..patterns.chains import ChainFinder
+from ..patterns.groups import coupled_groups
 from ..stats.model import AnalyticStatistics
 from ..stats.sampled import SampledStatistics
 from .base import Pass, PassContext, PassResult
@@ -33,6 +34,7 @@ class StatisticsPass(Pass):
     def run(self, ctx: PassContext) -> PassResult:
         ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes)
         ctx.chains, ctx.rejections = ChainFinder(ctx.graph, ctx.shapes).find()
+        ctx.coupled_groups = coupled_groups(ctx.graph)
         kind = ctx.options.statistics
         needs_samples = kind == "synthetic" and ctx.options.prune > 0 and ctx.chains
         if needs_samples and _single_image_input(ctx):

@@ -22,6 +22,7 @@ class Report:
     before: ModelSize
     after: Optional[ModelSize] = None
     layers: List[Dict[str, Any]] = field(default_factory=list)
+    coupled_groups: List[List[str]] = field(default_factory=list)
     passes: List[Dict[str, Any]] = field(default_factory=list)
     validation: Optional[Dict[str, Any]] = None
     notes: List[str] = field(default_factory=list)
@@ -72,6 +73,8 @@ class Report:
                 extra = f" top1-agreement {m['top1_agreement']:.3f}" if "top1_agreement" in m else ""
                 lines.append(f"output {name}: rel-L2 {m['rel_l2_error']:.4g} max-abs {m['max_abs_error']:.4g} "
                              f"cosine {m['cosine']:.5f}{extra}")
+        for group in self.coupled_groups:
+            lines.append(f"coupled group (left unpruned): {', '.join(group)}")
         for note in self.notes:
             lines.append(f"note: {note}")
         return "\n".join(lines)
