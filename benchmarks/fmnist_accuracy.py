@@ -56,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--bits", default="6")
     ap.add_argument("--methods", default="none,mean,merge,udfc")
     ap.add_argument("--select", default="expected-error")
-    ap.add_argument("--statistics", default="analytic")
+    ap.add_argument("--statistics", default="auto")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra compress() option, e.g. ridge=0.1 (repeatable)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))

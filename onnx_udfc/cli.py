@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison (checker still runs)")
     p.add_argument("--max-rel-error", type=float, default=None, metavar="E",
                    help="exit 1 (and write no model) when an output's relative L2 error exceeds E")
-    p.add_argument("--statistics", choices=STATISTICS, default="analytic",
-                   help="source of the channel covariances used by udfc/mean and the selection (default analytic)")
+    p.add_argument("--statistics", choices=STATISTICS, default="auto",
+                   help="source of the channel covariances used by udfc/mean and the selection: analytic (BN prior), "
+                        "synthetic (pink noise through the model), auto = analytic if BN is kept (default auto)")
     p.add_argument("--samples", type=int, default=32, metavar="N",
                    help="synthetic images for --statistics synthetic (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic and validation inputs (default 0)")

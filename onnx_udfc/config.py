@@ -11,7 +11,7 @@ SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
 ROUNDINGS = ("balanced", "nearest")
-STATISTICS = ("analytic", "synthetic")
+STATISTICS = ("auto", "analytic", "synthetic")
 
 
 @dataclass
@@ -29,8 +29,9 @@ class Options:
     selection_ridge: shrinkage used by the expected-error selection.
     upstream_noise: treat the compensation residual left upstream as noise on the kept channels of the next
         solve (errors-in-variables shrinkage); off by default: no measurable gain on the Fashion-MNIST VGG.
-    statistics: where chain covariances come from: `analytic` (BN prior and weights) or `synthetic`
-        (`samples` seeded pink-noise images pushed through the model, BNs on batch statistics).
+    statistics: where chain covariances come from: `analytic` (BN prior and weights), `synthetic`
+        (`samples` seeded pink-noise images pushed through the model, BNs on batch statistics), or `auto`
+        (analytic when the model kept its BN layers, synthetic when BN was folded at export).
     """
 
     prune: float = 0.0
@@ -45,7 +46,7 @@ class Options:
     ridge: float = 0.001
     selection_ridge: float = 0.1
     upstream_noise: bool = False
-    statistics: str = "analytic"
+    statistics: str = "auto"
     samples: int = 32
     seed: int = 0
     input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
