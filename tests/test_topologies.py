@@ -87,18 +87,19 @@ def test_flatten_gemm_consumer_loses_column_blocks():
     assert err < 0.3
 
 
-def test_folded_bn_model_uses_moment_propagation():
+def test_folded_bn_model_uses_synthetic_samples_and_moment_propagation():
     model = fold_all_batchnorm(plain_chain())
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     out, report, err = compress_and_check(model, prune=0.3, bits=6)
-    assert "moment propagation" in report.statistics_source and "BatchNormalization" not in report.statistics_source
+    source = report.statistics_source
+    assert "pink-noise" in source and "moment propagation" in source and "BatchNormalization" not in source
     assert any(l.get("channels_after", 99) < l.get("channels_before", 0) for l in report.layers)
     assert err < 0.5
 
 
 def test_bn_model_says_statistics_come_from_bn():
     _, report = compress(plain_chain(), prune=0.3, bits=6, validate=False)
-    assert "BatchNormalization priors" in report.statistics_source
+    assert "BatchNormalization priors" in report.statistics_source and "pink-noise" not in report.statistics_source
 
 
 def test_shared_weight_producer_is_rejected():
