@@ -95,7 +95,49 @@ def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) 
             shapes[vi.name] = tuple(dims)
     for t in inferred.graph.initializer:
         shapes[t.name] = tuple(t.dims)
+    missing = [o for n in model.graph.node if n.op_type in _SHAPE_NEEDED for o in n.output[:1] if o not in shapes]
+    if missing:
+        found = _shapes_from_a_run(model, input_shapes, missing)
+        if not found:  # a Pad on an integer tensor makes the float-typed probe fail: retry without Pads
+            producers = {o: n.op_type for n in model.graph.node for o in n.output}
+            found = _shapes_from_a_run(model, input_shapes, [m for m in missing if producers.get(m) != "Pad"])
+        shapes.update(found)
     return shapes
+
+
+#: ops whose output shapes the passes need (MACs, flatten blocks, moments)
+#: (float outputs only: the probe declares them float; Reshape/Pad also run on int64 shape tensors)
+_SHAPE_NEEDED = ("Conv", "Gemm", "MatMul", "GlobalAveragePool", "Flatten", "MaxPool", "AveragePool",
+                 "BatchNormalization", "Pad")
+
+
+def _shapes_from_a_run(model: onnx.ModelProto, input_shapes: Dict[str, Shape], names: List[str]) -> Dict[str, Shape]:
+    """Shapes that static inference could not find (e.g. TF-style dynamic `Pad`), read off one onnxruntime run
+    on zero inputs of the given shapes. Best effort: returns {} if the model does not run."""
+    import numpy as np
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names if n not in known)
+    _TYPES = {TensorProto.FLOAT: np.float32, TensorProto.INT64: np.int64, TensorProto.INT32: np.int32,
+              TensorProto.DOUBLE: np.float64, TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
+    feeds = {}
+    for inp in probe.graph.input:
+        if inp.name in input_shapes:
+            feeds[inp.name] = np.zeros(input_shapes[inp.name], _TYPES.get(inp.type.tensor_type.elem_type, np.float32))
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        values = sess.run(names, feeds)
+    except Exception as exc:
+        log.warning("shapes of %d tensors unknown (onnxruntime probe failed: %s)", len(names), str(exc).splitlines()[0])
+        return {}
+    return {n: tuple(int(d) for d in v.shape) for n, v in zip(names, values)}
 
 
 def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> onnx.ModelProto:

@@ -158,7 +158,7 @@ class ChainFinder:
             elif op in POOL_OPS:
                 stage.pools.append(reader)
             elif op == "Pad":
-                if not self._pad_keeps_channels(reader):
+                if not self._pad_keeps_channels(reader, n):
                     return "Pad on the channel axis"
                 stage.pools.append(reader)
             elif op == "Conv" and depthwise is None and is_depthwise(g, reader, n) and reader.input[0] == tensor:
@@ -197,12 +197,16 @@ class ChainFinder:
             return None, f"fan-out: output read by {len(readers)} nodes ({', '.join(ops)})"
         return readers[0], ""
 
-    def _pad_keeps_channels(self, pad: onnx.NodeProto) -> bool:
+    def _pad_keeps_channels(self, pad: onnx.NodeProto, channels: int) -> bool:
         pads = attr(pad, "pads", None)
         if pads is None and len(pad.input) > 1:
             value = self.graph.constant(pad.input[1])
             pads = None if value is None else value.tolist()
-        if pads is None or len(pad.input) > 3 and pad.input[3]:  # axes input: be conservative
+        if pads is None:  # pads computed at run time (TF-style "same" padding): compare the shapes instead
+            shape_out = self.shapes.get(pad.output[0])
+            batch_in = self.shapes.get(self.graph.graph_inputs[0], (None,))[0] if self.graph.graph_inputs else None
+            return shape_out is not None and len(shape_out) >= 3 and shape_out[1] == channels and shape_out[0] == batch_in
+        if len(pad.input) > 3 and pad.input[3]:  # axes input: be conservative
             return False
         rank = len(pads) // 2
         return rank >= 2 and pads[0] == pads[1] == pads[rank] == pads[rank + 1] == 0
