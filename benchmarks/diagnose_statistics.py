@@ -10,6 +10,12 @@ the tool itself never sees any.
 """
 from __future__ import annotations
 
+import os
+
+# one BLAS thread: the math is on small matrices and threaded BLAS on busy cores is many times slower
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import argparse
 import os
 import sys
