@@ -82,3 +82,33 @@ def test_ratio_that_removes_nothing_is_reported():
     _, report = compress(model, prune=0.2, bits=32)
     first = report.layers[0]
     assert first["channels_after"] == 3 and "removes no channel" in first["skipped"][0]
+
+
+def _gap_reshape_gemm(shape_value):
+    b = ModelBuilder((1, 3, 8, 8), dynamic_batch=False)
+    x = b.relu(b.conv("input", 8))
+    g = b.node("GlobalAveragePool", [x], "gap")
+    b.shapes[g] = (1, 8, 1, 1)
+    r = b.node("Reshape", [g, b.const(np.array(shape_value, np.int64), "shape")], "reshape")
+    b.shapes[r] = (1, 8)
+    return b.build(b.gemm(r, 4))
+
+
+def test_reshape_to_a_fixed_channel_count_is_rejected():
+    why, _ = reasons(_gap_reshape_gemm([1, 8]))
+    assert "fixed channel count" in why[0]
+
+
+def test_reshape_to_minus_one_is_followed():
+    why, report = reasons(_gap_reshape_gemm([1, -1]))
+    assert why[0] == "" and report.layers[0]["channels_after"] == 4
+
+
+def test_constant_pad_between_act_and_consumer_is_followed():
+    b = ModelBuilder((1, 3, 8, 8))
+    x = b.relu(b.conv("input", 8))
+    p = b.node("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")], "pad")
+    b.shapes[p] = (1, 8, 10, 10)
+    y = b.conv(p, 4, pad=0)
+    why, report = reasons(b.build(y))
+    assert why[0] == "" and report.layers[0]["channels_after"] == 4

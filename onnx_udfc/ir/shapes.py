@@ -66,6 +66,19 @@ def resolve_input_shapes(model: onnx.ModelProto, given: Optional[Dict[str, Shape
     return out
 
 
+def with_batch(model: onnx.ModelProto, input_shapes: Dict[str, Shape], batch: int) -> Dict[str, Shape]:
+    """`input_shapes` with the first dim set to `batch` where the model leaves it dynamic (static dims kept)."""
+    out = {}
+    for inp in model.graph.input:
+        if inp.name not in input_shapes:
+            continue
+        shape = tuple(input_shapes[inp.name])
+        dims = inp.type.tensor_type.shape.dim
+        dynamic = bool(dims) and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0)
+        out[inp.name] = ((batch,) + shape[1:]) if dynamic and len(shape) > 1 else shape
+    return out
+
+
 def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) -> Dict[str, Shape]:
     """Shapes of every tensor when the inputs have `input_shapes` (model is not modified).
 

@@ -233,8 +233,15 @@ class ChainFinder:
             return "unknown shape before Flatten"
         if node.op_type not in FLATTEN_OPS:
             return f"unsupported op {node.op_type} between producer and consumer"
+        if node.op_type == "Reshape" and len(node.input) > 1:
+            target = self.graph.constant(node.input[1])
+            if target is not None and (target.size != 2 or int(target.reshape(-1)[1]) != -1):
+                return "Reshape to a fixed channel count (would break after pruning)"
         out_shape = self.shapes.get(node.output[0])
-        if out_shape is None or len(out_shape) != 2 or out_shape[1] != n * block:
+        after_gap = node is not reader
+        if out_shape is None and after_gap:
+            pass  # (B, N, 1, 1) reshaped at run time (x.view(B, -1)): the consumer's input size is checked below
+        elif out_shape is None or len(out_shape) != 2 or out_shape[1] != n * block:
             return f"{node.op_type} does not map channels to 2-D columns"
         consumer, reason = self._single_reader(node.output[0])
         if consumer is None:

@@ -140,6 +140,10 @@ class SampledStatistics(AnalyticStatistics):
         if not names:
             return
         input_name = next(iter(input_shapes))
+        from ..ir.shapes import with_batch
+
+        run_batch = with_batch(original, input_shapes, samples)[input_name][0]  # a static batch stays as it is
+        samples = max(run_batch, samples - samples % run_batch)
         if inputs is None:
             shape = (samples,) + tuple(input_shapes[input_name][1:])
             if len(shape) != 4:
@@ -156,8 +160,8 @@ class SampledStatistics(AnalyticStatistics):
         opts.log_severity_level = 3
         session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         accumulators = {n: _Accumulator() for n in names}
-        # batch-statistics BN needs whole batches: use one batch unless the caller asked for more
-        step = len(inputs) if batch_norm == "batch" else batch
+        # batch-statistics BN wants the largest batch the model accepts
+        step = run_batch if batch_norm == "batch" else min(batch, run_batch)
         for start in range(0, len(inputs), step):
             values = session.run(names, {input_name: inputs[start:start + step]})
             for name, value in zip(names, values):

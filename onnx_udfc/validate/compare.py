@@ -57,7 +57,9 @@ def run_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[np.n
 def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, input_shapes: Dict[str, tuple],
                    seed: int = 0, batch: int = 8) -> Dict[str, dict]:
     """Metrics per output name; raises ValidationFailed when outputs differ in name, shape or dtype."""
-    shapes = {k: ((batch,) + tuple(v[1:]) if len(v) > 1 else tuple(v)) for k, v in input_shapes.items()}
+    from ..ir.shapes import with_batch
+
+    shapes = with_batch(original, input_shapes, batch)
     feeds = synthetic_inputs(original, shapes, seed)
     try:
         y0 = run_model(original, feeds)
