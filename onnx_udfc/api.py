@@ -72,7 +72,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
 
         t0 = time.perf_counter()
         metrics = compare_models(model, out, shapes, seed=opts.seed)
-        report.validation = {"inputs": "seeded standard normal, batch 8", "seed": opts.seed, "outputs": metrics}
+        report.validation = {"inputs": "seeded synthetic (pink-noise images, else standard normal), batch 8", "seed": opts.seed, "outputs": metrics}
         report.seconds["validate"] = round(time.perf_counter() - t0, 4)
         if max_rel_error is not None:
             worst = max((m["rel_l2_error"] for m in metrics.values()), default=0.0)

@@ -25,7 +25,8 @@ _NP_TYPES = {
 
 
 def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], seed: int = 0) -> Dict[str, np.ndarray]:
-    """Seeded inputs: standard normal for float inputs (they are assumed normalised), zeros otherwise."""
+    """Seeded inputs: pink noise (1/f spectrum, standardised per channel, like normalised photos) for 4-D float
+    image inputs, standard normal for other float inputs, zeros for integer inputs."""
     rng = np.random.default_rng(seed)
     feeds = {}
     inits = {t.name for t in model.graph.initializer}
@@ -34,7 +35,11 @@ def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], see
             continue
         dtype = _NP_TYPES.get(inp.type.tensor_type.elem_type, np.float32)
         shape = input_shapes[inp.name]
-        if np.issubdtype(dtype, np.floating):
+        if np.issubdtype(dtype, np.floating) and len(shape) == 4 and min(shape[2:]) >= 8:
+            from ..stats.sampled import pink_noise
+
+            feeds[inp.name] = pink_noise(shape, seed=seed + 1000).astype(dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[inp.name] = np.zeros(shape, dtype=dtype)
