@@ -84,3 +84,17 @@ def test_input_model_object_is_not_modified():
     before = model.SerializeToString()
     compress(model, prune=0.5, bits=4)
     assert model.SerializeToString() == before
+
+
+def test_identity_linked_weights_are_constants():
+    """Exporters link bit-identical initializers with Identity nodes; such weights are still compressible."""
+    model = plain_chain()
+    g = model.graph
+    conv = [n for n in g.node if n.op_type == "Conv"][1]
+    g.node.insert(0, helper.make_node("Identity", [conv.input[1]], ["w_alias"], name="alias"))
+    conv.input[1] = "w_alias"
+    onnx.checker.check_model(model)
+    out, report = compress(model, prune=0.3, bits=6)
+    assert report.layers[1]["channels_after"] == 23
+    x = random_input(model)
+    assert rel_error(run(model, x), run(out, x)) < 0.35

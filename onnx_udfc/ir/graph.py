@@ -104,8 +104,12 @@ class Graph:
         return self.producer.get(tensor)
 
     def is_constant(self, tensor: str) -> bool:
+        """True for initializers, `Constant` outputs and `Identity` copies of them."""
         self.refresh()
-        return tensor in self.initializers or tensor in self.constant_nodes
+        if tensor in self.initializers or tensor in self.constant_nodes:
+            return True
+        node = self.producer.get(tensor)
+        return node is not None and node.op_type == "Identity" and self.is_constant(node.input[0])
 
     def constant(self, tensor: str) -> Optional[np.ndarray]:
         """Array value of an initializer or `Constant` node output, or None if `tensor` is not constant.
@@ -134,7 +138,11 @@ class Graph:
                 return None
             arr = value
         else:
-            return None
+            node = self.producer.get(tensor)
+            # exporters link duplicate initializers with Identity nodes: follow them
+            if node is None or node.op_type != "Identity" or not self.is_constant(node.input[0]):
+                return None
+            arr = self.constant(node.input[0]).copy()
         arr.setflags(write=False)
         self._arrays[tensor] = arr
         return arr
