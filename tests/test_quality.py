@@ -38,3 +38,11 @@ def test_default_quantization_beats_naive_at_4_bits(case):
     naive = output_error(model, x, bits=4, first_last_bits=None, grid="symmetric", clip="max", rounding="nearest",
                          bias_correction=False)
     assert default < naive, (default, naive)
+
+
+def test_ridge_shrinks_only_the_pruned_channels(case):
+    """A huge ridge turns udfc into mean compensation; it must not shrink the kept channels too."""
+    model, x = case
+    heavy = output_error(model, x, prune=0.3, bits=32, ridge=1e6)
+    mean = output_error(model, x, prune=0.3, bits=32, method="mean")
+    assert heavy == pytest.approx(mean, rel=1e-3)

@@ -109,7 +109,16 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
         return neuron_merging(flat_producer, bias, kept)
     mean, cov = statistics
     noise = _kept_channel_noise(ctx, chain, kept, cov)
-    return solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise)
+    s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise)
+    # The ridge regularises the prediction of the pruned channels only: a kept channel is observed, so
+    # its row stays the identity, or (with noise) the errors-in-variables solve without ridge (S').
+    if noise is None:
+        s[kept] = np.eye(kept.size)
+        t[kept] = 0.0
+    else:
+        s_kept, t_kept = solve_affine_compensation(mean, cov, kept, ridge=0.0, extra_noise=noise)
+        s[kept], t[kept] = s_kept[kept], t_kept[kept]
+    return s, t
 
 
 def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: np.ndarray) -> Optional[np.ndarray]:
