@@ -66,7 +66,7 @@ def prune_chain(ctx: PassContext, chain: Chain) -> None:
         pruned = select_by_norm(flat_producer, n_remove)
     kept = np.setdiff1d(np.arange(n), pruned)
     s, t = _compensation(ctx, chain, method, statistics, kept, flat_producer, producer.bias)
-    if statistics is not None:
+    if statistics is not None and options.upstream_noise:
         ctx.residual_noise[chain.consumer.output[0]] = consumer_residual_variance(v_taps, statistics[1], s, kept)
     v_new, bias_delta = apply_compensation(v_taps, s, t)
     consumer_bias = consumer.bias
