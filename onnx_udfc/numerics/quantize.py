@@ -125,7 +125,7 @@ def _search_alpha(w2, lo, hi, tw, spec: QuantSpec) -> np.ndarray:
     buf = np.empty_like(w2)
     for alpha in np.linspace(1.0, spec.clip_min, int(spec.clip_steps)):  # descending: ties keep less clipping
         scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
-        s_col, z_col = scale[:, None], zp[:, None].astype(np.float64)
+        s_col, z_col = scale[:, None].astype(w2.dtype), zp[:, None].astype(w2.dtype)
         np.divide(w2, s_col, out=buf)
         buf += z_col
         np.rint(buf, out=buf)
@@ -175,7 +175,8 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.n
         if np.any(tw < 0) or not np.all(np.isfinite(tw)):
             raise ValueError("tap_weight must be finite and nonnegative")
     lo, hi = w2.min(axis=1), w2.max(axis=1)
-    alpha = _search_alpha(w2, lo, hi, tw, spec)
+    # the search only ranks candidate grids: float32 halves its memory traffic
+    alpha = _search_alpha(w2.astype(np.float32), lo, hi, tw.astype(np.float32), spec)
     scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
     qmin, qmax = _levels(spec.bits, spec.symmetric)
     q, r = _nearest(w2, scale, zp, qmin, qmax)
