@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 (and write no model) when an output's relative L2 error exceeds E")
     p.add_argument("--statistics", choices=STATISTICS, default="auto",
                    help="source of the channel covariances used by udfc/mean and the selection: analytic (BN prior), "
-                        "synthetic (pink noise through the model), auto = analytic if BN is kept (default auto)")
+                        "synthetic (pink noise through the model), combined (their average), "
+                        "auto = combined if BN is kept, synthetic if folded (default auto)")
     p.add_argument("--samples", type=int, default=32, metavar="N",
                    help="synthetic images for --statistics synthetic (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic and validation inputs (default 0)")

@@ -11,7 +11,7 @@ SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
 ROUNDINGS = ("balanced", "nearest")
-STATISTICS = ("auto", "analytic", "synthetic")
+STATISTICS = ("auto", "analytic", "synthetic", "combined")
 
 
 @dataclass
@@ -30,8 +30,9 @@ class Options:
     upstream_noise: treat the compensation residual left upstream as noise on the kept channels of the next
         solve (errors-in-variables shrinkage); off by default: no measurable gain on the Fashion-MNIST VGG.
     statistics: where chain covariances come from: `analytic` (BN prior and weights), `synthetic`
-        (`samples` seeded pink-noise images pushed through the model, BNs on batch statistics), or `auto`
-        (analytic when the model kept its BN layers, synthetic when BN was folded at export).
+        (`samples` seeded pink-noise images pushed through the model, BNs on batch statistics), `combined`
+        (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN
+        was folded at export; analytic for models without one 4-D image input).
     """
 
     prune: float = 0.0

@@ -93,3 +93,21 @@ def test_moment_propagation_without_bn_tracks_real_means():
     mean, _ = ctx.stats.chain_statistics(chain)
     real_mean, _ = measured_chain_stats(model, chain, x)
     assert np.corrcoef(mean, real_mean)[0, 1] > 0.8
+
+
+def test_combined_statistics_average_analytic_and_synthetic():
+    from onnx_udfc.numerics.covariance import cov_to_corr
+    from onnx_udfc.stats.model import AnalyticStatistics
+
+    model = plain_chain(seed=9)
+    ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="combined")
+    chain = ctx.chains[1]
+    mean, cov = ctx.stats.chain_statistics(chain)
+    a_mean, a_cov = AnalyticStatistics.chain_statistics(ctx.stats, chain)
+    s_mean, s_cov = ctx.stats._measured[chain.last_stage.output]
+    np.testing.assert_allclose(mean, 0.5 * (a_mean + s_mean))
+    sd = np.sqrt(np.diag(cov))
+    np.testing.assert_allclose(sd, 0.5 * (np.sqrt(np.diag(a_cov)) + np.sqrt(np.diag(s_cov))), rtol=1e-10)
+    corr, _ = cov_to_corr(cov)
+    np.testing.assert_allclose(corr, 0.5 * (cov_to_corr(a_cov)[0] + cov_to_corr(s_cov)[0]), atol=1e-10)
+    assert np.linalg.eigvalsh(cov).min() > -1e-9

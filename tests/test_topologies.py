@@ -99,7 +99,10 @@ def test_folded_bn_model_uses_synthetic_samples_and_moment_propagation():
 
 def test_bn_model_says_statistics_come_from_bn():
     _, report = compress(plain_chain(), prune=0.3, bits=6, validate=False)
-    assert "BatchNormalization priors" in report.statistics_source and "pink-noise" not in report.statistics_source
+    source = report.statistics_source
+    assert "BatchNormalization priors" in source and source.startswith("average of the analytic")
+    _, analytic = compress(plain_chain(), prune=0.3, bits=6, validate=False, statistics="analytic")
+    assert "pink-noise" not in analytic.statistics_source
 
 
 def test_shared_weight_producer_is_rejected():
