@@ -147,6 +147,14 @@ class Graph:
         self._arrays[tensor] = arr
         return arr
 
+    def reduces_spatial_axes(self, node: onnx.NodeProto) -> bool:
+        """True when a Reduce* node of a 4-D tensor reduces exactly axes 2 and 3 (attribute or constant input)."""
+        axes = attr(node, "axes", None)
+        if axes is None and len(node.input) > 1:
+            value = self.constant(node.input[1])
+            axes = None if value is None else value.tolist()
+        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
+
     def unique_name(self, base: str) -> str:
         """A tensor/node name not used anywhere in the graph (deterministic: base, base_1, base_2, ...)."""
         self.refresh()

@@ -218,7 +218,7 @@ class ChainFinder:
         block = 1
         node = reader
         if node.op_type in ("GlobalAveragePool", "ReduceMean"):
-            if node.op_type == "ReduceMean" and not self._reduces_spatial(node):
+            if node.op_type == "ReduceMean" and not self.graph.reduces_spatial_axes(node):
                 return "ReduceMean over non-spatial axes"
             nxt, reason = self._single_reader(node.output[0])
             if nxt is None:
@@ -250,13 +250,6 @@ class ChainFinder:
         if consumer.op_type not in ("Gemm", "MatMul"):
             return f"unsupported op {consumer.op_type} after {node.op_type}"
         return self._consumer(producer, n, first, depthwise, second, consumer, node.output[0], block)
-
-    def _reduces_spatial(self, node) -> bool:
-        axes = attr(node, "axes", None)
-        if axes is None and len(node.input) > 1:
-            value = self.graph.constant(node.input[1])
-            axes = None if value is None else value.tolist()
-        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3] and attr(node, "keepdims", 1) in (0, 1)
 
     def _consumer(self, producer, n, first, depthwise, second, consumer, tensor, block):
         g = self.graph

@@ -173,7 +173,7 @@ class MomentPropagator:
             shape = self.shapes.get(node.input[0])
             if shape is None or len(shape) != 4:
                 return None
-            if op == "ReduceMean" and not self._reduces_spatial(node):
+            if op == "ReduceMean" and not self.graph.reduces_spatial_axes(node):
                 return None
             return x[0], x[1] * mean_spatial_correlation(shape[2], shape[3])
         if op == "GlobalMaxPool":
@@ -190,13 +190,6 @@ class MomentPropagator:
         if op in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
             return self._binary(node, ins)
         return None
-
-    def _reduces_spatial(self, node: onnx.NodeProto) -> bool:
-        axes = attr(node, "axes", None)
-        if axes is None and len(node.input) > 1:
-            value = self.graph.constant(node.input[1])
-            axes = None if value is None else value.tolist()
-        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
 
     def _linear(self, node: onnx.NodeProto, x: Optional[Moments]) -> Optional[Moments]:
         g = self.graph
