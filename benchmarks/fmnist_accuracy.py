@@ -27,31 +27,14 @@ import numpy as np
 import onnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "models"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from fashion_mnist import load_fashion_mnist, predict_onnx  # noqa: E402
+from common import kl, option_value  # noqa: E402
 
 import onnx_udfc  # noqa: E402
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def kl(p_logits, q_logits):
-    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-
-
-def _number(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def main(argv=None):
@@ -69,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="fmnist_accuracy")
     args = ap.parse_args(argv)
 
-    extra = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
+    extra = {k: option_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     images, labels = load_fashion_mnist("test")
     rows = []
     for name in args.names.split(","):

@@ -33,27 +33,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from imagenet_sample import load_imagenet_sample, preprocessing_for  # noqa: E402
+from common import kl, option_value  # noqa: E402
 
 import onnx_udfc  # noqa: E402
-
-
-def softmax(x):
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def kl(p_logits, q_logits):
-    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
-    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
-
-
-def _number(text):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def predict_onnx(model, images, batch=50, num_threads=1):
@@ -97,7 +79,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="imagenet_accuracy")
     args = ap.parse_args(argv)
 
-    extra = {k: _number(v) for k, v in (o.split("=", 1) for o in args.option)}
+    extra = {k: option_value(v) for k, v in (o.split("=", 1) for o in args.option)}
     grid = list(itertools.product([float(p) for p in args.prune.split(",")], [int(b) for b in args.bits.split(",")],
                                   args.methods.split(",")))
     rows = []
