@@ -91,10 +91,11 @@ def greedy_removal_order(cov, gram, n_remove: int, ridge: float = 1.0) -> tuple[
     order = np.zeros(n_remove, dtype=np.int64)
     errors = np.zeros(n_remove)
     err = 0.0
+    g_rows = np.zeros((n_remove, n))  # rows: G_{c,:} of the removed channels, in removal order
     for d in range(n_remove):
-        ud, gud, idx = u[:d], gu[:d], order[:d]
+        ud, gud, idx, gd = u[:d], gu[:d], order[:d], g_rows[:d]
         a_term = np.einsum("dj,dj->j", ud, gud)
-        b_term = np.einsum("dj,dj->j", g[idx, :], ud)
+        b_term = np.einsum("dj,dj->j", gd, ud)
         delta = (a_term - 2.0 * b_term + g_diag) / np.maximum(s, tiny)
         delta[removed] = np.inf
         c = int(np.argmin(delta))
@@ -105,10 +106,11 @@ def greedy_removal_order(cov, gram, n_remove: int, ridge: float = 1.0) -> tuple[
         guc = gud[:, c].copy()
         g_cd_u = g[c, idx] @ ud
         g_cd_uc = float(g[c, idx] @ uc)
-        ud -= np.outer(uc, beta)
-        gud += np.outer(g[idx, c] - guc, beta)
+        ud -= uc[:, None] * beta  # rank-1 updates in place
+        gud += (gd[:, c] - guc)[:, None] * beta
         u[d] = beta
         gu[d] = g_cd_u - g_cd_uc * beta + g[c, c] * beta
+        g_rows[d] = g[c]
         s = s - sc * beta * beta
         removed[c] = True
         order[d] = c
