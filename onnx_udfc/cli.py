@@ -98,18 +98,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     from .api import compress
-    from .ir.io import load_model, save_model
+    from .ir.io import check_output_folder, load_model, save_model
     from .ir.shapes import parse_input_shapes
 
-    if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+    same = os.path.abspath(args.input) == os.path.abspath(args.output) or (
+        os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output))
+    if same:
         raise UsageError("output path is the input file; the input is never overwritten")
-    if os.path.abspath(args.input) == os.path.abspath(args.output):
-        raise UsageError("output path is the input file; the input is never overwritten")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"output folder does not exist: {out_dir}")
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"output folder is not writable: {out_dir}")
+    check_output_folder(args.output)  # before the work, not only at save time
     if args.first_last_bits < 0:
         raise UsageError("--first-last-bits must be >= 0")
     shapes = parse_input_shapes(args.input_shape)

@@ -6,7 +6,7 @@ BN prior the tool relies on holds.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import numpy as np
 import onnx
@@ -245,6 +245,3 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def rel_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
-
-def first(items: Optional[list]):
-    return items[0] if items else None

@@ -16,7 +16,6 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 11
 #: Above this serialized size the protobuf limit (2 GB) is near: weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-_FLOAT_TYPES = (TensorProto.FLOAT,)
 _UNSUPPORTED_WEIGHT_TYPES = {
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
@@ -77,16 +76,22 @@ def check_supported(model: onnx.ModelProto) -> None:
         )
 
 
-def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None) -> None:
-    """Write `model` to `path` atomically (temporary file in the same folder, then rename).
-
-    Models near the 2 GB protobuf limit are saved with their weights in `<name>.data` beside `path`.
-    """
+def check_output_folder(path: str) -> str:
+    """The folder `path` will be written in; UsageError when it is missing or not writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise UsageError(f"output folder is not writable: {folder}")
+    return folder
+
+
+def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None) -> None:
+    """Write `model` to `path` atomically (temporary file in the same folder, then rename).
+
+    Models near the 2 GB protobuf limit are saved with their weights in `<name>.data` beside `path`.
+    """
+    folder = check_output_folder(path)
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".onnx", dir=folder)
@@ -135,9 +140,7 @@ def _first_line(exc: BaseException) -> str:
 
 def write_text_atomic(path: str, text: str) -> None:
     """Write a small text file (the JSON report) via a temporary file and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write the report: folder missing or not writable: {folder}")
+    folder = check_output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:

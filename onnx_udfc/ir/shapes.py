@@ -12,6 +12,12 @@ from ..errors import UsageError
 log = logging.getLogger(__name__)
 
 Shape = Tuple[int, ...]
+#: numpy dtype of an ONNX tensor element type, for building input feeds
+NUMPY_TYPES = {
+    TensorProto.FLOAT: "float32", TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16",
+    TensorProto.INT64: "int64", TensorProto.INT32: "int32", TensorProto.UINT8: "uint8", TensorProto.INT8: "int8",
+    TensorProto.BOOL: "bool",
+}
 _BATCH_NAMES = {"n", "batch", "batch_size", "batchsize", "b", "bs", "unk__0", "none", "?"}
 
 
@@ -135,12 +141,10 @@ def _shapes_from_a_run(model: onnx.ModelProto, input_shapes: Dict[str, Shape], n
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                               for n in names if n not in known)
-    _TYPES = {TensorProto.FLOAT: np.float32, TensorProto.INT64: np.int64, TensorProto.INT32: np.int32,
-              TensorProto.DOUBLE: np.float64, TensorProto.UINT8: np.uint8, TensorProto.BOOL: np.bool_}
     feeds = {}
     for inp in probe.graph.input:
         if inp.name in input_shapes:
-            feeds[inp.name] = np.zeros(input_shapes[inp.name], _TYPES.get(inp.type.tensor_type.elem_type, np.float32))
+            feeds[inp.name] = np.zeros(input_shapes[inp.name], NUMPY_TYPES.get(inp.type.tensor_type.elem_type, "float32"))
     try:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -171,13 +175,3 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
         model.graph.value_info.extend(inferred.graph.value_info)
     except Exception as exc:
         log.warning("shape inference failed after compression: %s", str(exc).splitlines()[0])
-
-
-def elem_type(model: onnx.ModelProto, name: str) -> Optional[int]:
-    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
-        if vi.name == name:
-            return vi.type.tensor_type.elem_type
-    return None
-
-
-FLOAT = TensorProto.FLOAT

@@ -46,11 +46,8 @@ class FoldBatchNormPass(Pass):
             params = batchnorm_params(graph, bn)
             if params is None:
                 continue
-            if producer.op_type == "Conv" and self._fold_conv(graph, producer, params):
-                pass
-            elif producer.op_type == "Gemm" and self._fold_gemm(graph, producer, params):
-                pass
-            else:
+            fold = self._fold_conv if producer.op_type == "Conv" else self._fold_gemm
+            if not fold(graph, producer, params):
                 continue
             gamma, beta = params[0], params[1]
             out = bn.output[0]

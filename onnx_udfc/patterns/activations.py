@@ -61,6 +61,3 @@ def clip_bounds(graph: Graph, node: onnx.NodeProto) -> Optional[Tuple[float, flo
     hi = np.inf if hi is None else float(hi)
     return lo, hi
 
-
-def is_activation(graph: Graph, node: onnx.NodeProto) -> bool:
-    return activation_of(graph, node)[0] is not None

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import onnx
 
 from ..ir.graph import Graph, attr
@@ -213,7 +212,6 @@ class ChainFinder:
 
     def _through_flatten(self, producer, n, first, depthwise, second, reader, tensor):
         """GAP/ReduceMean -> Flatten/Reshape -> Gemm, or Flatten of a map -> Gemm."""
-        g = self.graph
         shape = self.shapes.get(tensor)
         block = 1
         node = reader

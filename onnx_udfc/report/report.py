@@ -35,16 +35,6 @@ class Report:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_jsonable)
 
-    @property
-    def average_bits(self) -> Optional[float]:
-        """Weight-count-weighted mean bit-width over the quantized or float layers recorded."""
-        total = weighted = 0
-        for layer in self.layers:
-            if "bits" in layer and layer.get("weights"):
-                total += layer["weights"]
-                weighted += layer["weights"] * layer["bits"]
-        return weighted / total if total else None
-
     def summary(self) -> str:
         """Human table for stderr: sizes before/after, per-layer decisions, validation."""
         lines = []

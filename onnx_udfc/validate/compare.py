@@ -13,16 +13,9 @@ import numpy as np
 import onnx
 
 from ..errors import BadModelError, ValidationFailed
+from ..ir.shapes import NUMPY_TYPES
 
 log = logging.getLogger(__name__)
-
-_NP_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-    onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.BOOL: np.bool_,
-}
-
 
 def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], seed: int = 0) -> Dict[str, np.ndarray]:
     """Seeded inputs: pink noise (1/f spectrum, standardised per channel, like normalised photos) for 4-D float
@@ -33,7 +26,7 @@ def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], see
     for inp in model.graph.input:
         if inp.name in inits:
             continue
-        dtype = _NP_TYPES.get(inp.type.tensor_type.elem_type, np.float32)
+        dtype = np.dtype(NUMPY_TYPES.get(inp.type.tensor_type.elem_type, "float32"))
         shape = input_shapes[inp.name]
         if np.issubdtype(dtype, np.floating) and len(shape) == 4 and min(shape[2:]) >= 8:
             from ..stats.sampled import pink_noise
