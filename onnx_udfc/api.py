@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Dict, Optional, Tuple
 
@@ -9,7 +10,7 @@ import numpy as np
 import onnx
 
 from .config import Options
-from .errors import PassError, ValidationFailed
+from .errors import PassError, UsageError, ValidationFailed
 from .ir.graph import Graph
 from .ir.io import check_supported
 from .ir.layers import LINEAR_OPS, read_layer
@@ -33,11 +34,14 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
     merge or udfc. Other keywords are `Options` fields (select, grid, clip, rounding, bias_correction,
     first_last_bits, ridge, selection_ridge, debug). With `validate`, both models run in onnxruntime on
     seeded synthetic inputs and the metrics go into `report.validation`; `max_rel_error` turns a larger
-    relative L2 error on any output into `ValidationFailed`.
+    relative L2 error on any output into `ValidationFailed`. When `prune > 0` removes no channel (no
+    prunable chain, or a ratio too small for every chain) the model is still compressed; the reason goes
+    to `report.notes` and to one logged warning.
     Raises UsageError / BadModelError / PassError / ValidationFailed (all `UdfcError`).
     """
     start = time.perf_counter()
     opts = Options(prune=prune, bits=bits, method=method, input_shapes=dict(input_shapes or {}), **options).validate()
+    _check_run_flags(opts, max_rel_error)
     check_supported(model)
     shapes = resolve_input_shapes(model, opts.input_shapes)
     before = ModelSize(count_params(model), model.ByteSize(), count_macs(model, shapes))
@@ -50,6 +54,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
         records = PassManager(passes, debug=opts.debug).run(ctx)
+        _note_pruning_without_effect(ctx)
     try:
         onnx.checker.check_model(out, full_check=True)
     except Exception as exc:
@@ -82,6 +87,39 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
                 raise ValidationFailed(
                     f"relative L2 error {worst:.4g} exceeds --max-rel-error {max_rel_error}", report)
     return out, report
+
+
+def _check_run_flags(opts: Options, max_rel_error: Optional[float]) -> None:
+    """Flags `Options.validate` leaves to the run: the seed and the validation threshold."""
+    if int(opts.seed) < 0:
+        raise UsageError(f"--seed must be >= 0, got {opts.seed}")
+    if max_rel_error is not None and not (math.isfinite(max_rel_error) and max_rel_error >= 0):
+        raise UsageError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}")
+
+
+def _note_pruning_without_effect(ctx: PassContext) -> None:
+    """Pruning was asked but removed nothing: say why in the report notes and as one warning line."""
+    if ctx.options.prune <= 0:
+        return
+    if not ctx.chains:
+        note = "no prunable chain; pruning skipped (" + _rejection_summary(ctx) + ")"
+    elif not any(r.get("channels_after", 0) < r.get("channels_before", 0) for r in ctx.layers.values()):
+        note = (f"--prune {ctx.options.prune} removed no channel from the {len(ctx.chains)} prunable chain(s); "
+                "see each layer's 'skipped' reason")
+    else:
+        return
+    ctx.notes.append(note)
+    log.warning("%s", note)
+
+
+def _rejection_summary(ctx: PassContext) -> str:
+    """'layer: reason' of the first rejected layer and how many more, or why there was no candidate."""
+    if not ctx.rejections:
+        return "the model has no Conv or Gemm layer"
+    first = ctx.rejections[0]
+    text = f"{first.node.name or first.node.output[0]}: {first.reason}"
+    more = len(ctx.rejections) - 1
+    return text + (f"; {more} more layer(s), see each layer's 'skipped' reason" if more else "")
 
 
 def _layer_records(ctx: PassContext):

@@ -1,7 +1,7 @@
 """`onnx-udfc IN OUT [flags]`: flags -> Options -> compress -> save -> report -> exit code.
 
-Exit codes: 0 done; 1 validation above --max-rel-error (output not written); 2 usage error;
-3 bad input model; 4 internal error (a pass failed; --debug shows the traceback).
+Exit codes: 0 done; 1 validation above --max-rel-error (output not written); 2 usage error (bad flag or
+path, output not writable); 3 bad input model; 4 internal error (a pass failed; --debug shows the traceback).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import __version__
-from .config import CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS
+from .config import ALLOCATIONS, CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS
 from .errors import UdfcError, UsageError, ValidationFailed
 
 log = logging.getLogger("onnx_udfc")
@@ -35,11 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="input .onnx model (never modified)")
     p.add_argument("output", help="output .onnx model (written atomically)")
     p.add_argument("--prune", type=float, default=0.0, metavar="R",
-                   help="fraction of channels to remove from every prunable chain, 0 <= R < 1 (default 0)")
+                   help="fraction of the prunable chains' channels to remove, 0 <= R < 1 (default 0)")
     p.add_argument("--bits", type=int, default=32, metavar="B", help="weight bits 2..8, or 32 for none (default 32)")
     p.add_argument("--method", choices=METHODS, default="udfc", help="compensation (default udfc)")
     p.add_argument("--select", choices=SELECTIONS, default="expected-error",
                    help="which channels to remove (default expected-error)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                   help="how the channel budget is split over chains: global (where the expected error is lowest; "
+                        "needs --select expected-error) or uniform (the same ratio in every chain) (default global)")
     p.add_argument("--grid", choices=GRIDS, default="asymmetric", help="quantization grid (default asymmetric)")
     p.add_argument("--clip", choices=CLIPS, default="mse", help="range clipping (default mse, input-weighted)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="balanced", help="rounding (default balanced)")
@@ -73,10 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _run(args)
     except ValidationFailed as exc:
-        if exc.report is not None:
-            _emit_report(args, exc.report)
-        print(f"onnx-udfc: validation failed: {exc} (output not written)", file=sys.stderr)
-        return exc.exit_code
+        return _validation_failed(args, exc)
     except UdfcError as exc:
         if args.debug:
             raise
@@ -96,43 +96,75 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 4
 
 
+def _validation_failed(args, exc: ValidationFailed) -> int:
+    """Exit 1: the report (when there is one) is still written, the model is not."""
+    if exc.report is not None:
+        try:
+            _emit_report(args, exc.report)
+        except UdfcError as report_error:
+            print(f"onnx-udfc: error: {report_error}", file=sys.stderr)
+    print(f"onnx-udfc: validation failed: {exc} (output not written)", file=sys.stderr)
+    return exc.exit_code
+
+
 def _run(args) -> int:
     from .api import compress
-    from .ir.io import check_output_folder, load_model, save_model
+    from .ir.io import read_model, save_model
     from .ir.shapes import parse_input_shapes
 
-    same = os.path.abspath(args.input) == os.path.abspath(args.output) or (
-        os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output))
-    if same:
-        raise UsageError("output path is the input file; the input is never overwritten")
-    check_output_folder(args.output)  # before the work, not only at save time
+    _check_paths(args)
     if args.first_last_bits < 0:
         raise UsageError("--first-last-bits must be >= 0")
     shapes = parse_input_shapes(args.input_shape)
     t0 = time.perf_counter()
-    model = load_model(args.input)
+    model, data_files = read_model(args.input)
+    _check_data_files_kept(args, data_files)
     load_seconds = time.perf_counter() - t0
     compressed, report = compress(
         model, prune=args.prune, bits=args.bits, method=args.method, input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
         statistics=args.statistics, samples=args.samples,
-        select=args.select, grid=args.grid, clip=args.clip, rounding=args.rounding,
+        select=args.select, allocation=args.allocation, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)
     t1 = time.perf_counter()
-    save_model(compressed, args.output)
+    written_data = save_model(compressed, args.output)
     report.seconds["load"] = round(load_seconds, 4)
     report.seconds["save"] = round(time.perf_counter() - t1, 4)
-    report.before.bytes = os.path.getsize(args.input)
-    report.after.bytes = _size_on_disk(args.output)
+    report.before.bytes = os.path.getsize(args.input) + sum(os.path.getsize(f) for f in data_files)
+    report.after.bytes = os.path.getsize(args.output) + (os.path.getsize(written_data) if written_data else 0)
     _emit_report(args, report)
     return 0
 
 
-def _size_on_disk(path: str) -> int:
-    size = os.path.getsize(path)
-    data = path + ".data"
-    return size + (os.path.getsize(data) if os.path.exists(data) else 0)
+def _same_file(a: str, b: str) -> bool:
+    return os.path.abspath(a) == os.path.abspath(b) or (
+        os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+
+def _check_paths(args) -> None:
+    """Before any work: the input is never overwritten, and every file to write has a writable folder."""
+    from .ir.io import check_output_folder
+
+    if _same_file(args.input, args.output):
+        raise UsageError("output path is the input file; the input is never overwritten")
+    if args.report and _same_file(args.report, args.input):
+        raise UsageError("--report path is the input file; the input is never overwritten")
+    if args.report and _same_file(args.report, args.output):
+        raise UsageError("--report path is the output model path; give the report its own file")
+    check_output_folder(args.output)
+    if args.report:
+        check_output_folder(args.report)
+
+
+def _check_data_files_kept(args, data_files: List[str]) -> None:
+    """The output's external data file (written for models near 2 GB) must not replace the input's."""
+    from .ir.io import data_file_for
+
+    target = data_file_for(args.output)
+    if any(_same_file(target, f) for f in data_files):
+        raise UsageError(f"the output would write its weights to {target}, the input's external data file; "
+                         "choose another output name")
 
 
 def _emit_report(args, report) -> None:

@@ -11,6 +11,7 @@ SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
 ROUNDINGS = ("balanced", "nearest")
+ALLOCATIONS = ("global", "uniform")
 STATISTICS = ("auto", "analytic", "synthetic", "combined")
 
 
@@ -18,11 +19,14 @@ STATISTICS = ("auto", "analytic", "synthetic", "combined")
 class Options:
     """What to do to the model.
 
-    prune: fraction of channels removed from every prunable chain, `floor(prune * N)` per layer.
+    prune: fraction of the prunable chains' channels removed.
     bits: weight bit-width, 2..8, or 32 for no quantization.
     method: compensation after pruning/quantization (`none`, `mean`, `merge`, `udfc`).
     select: which channels to remove (`expected-error`: backward greedy on the consumer's error after
         the best compensation; `norm`: smallest L1 filter norm).
+    allocation: how the channel budget `floor(prune * sum N)` is split over chains (`global`: by the
+        expected relative error of each chain's consumer, cheapest removals first; `uniform`: the same
+        ratio in every chain). Global needs the expected-error selection; with `norm` it is uniform.
     grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured).
     first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
     ridge: shrinkage of the compensation solve, relative to the mean channel variance.
@@ -39,6 +43,7 @@ class Options:
     bits: int = 32
     method: str = "udfc"
     select: str = "expected-error"
+    allocation: str = "global"
     grid: str = "asymmetric"
     clip: str = "mse"
     rounding: str = "balanced"
@@ -61,6 +66,7 @@ class Options:
         if self.first_last_bits is not None and self.first_last_bits != 32 and not (2 <= self.first_last_bits <= 8):
             raise UsageError(f"--first-last-bits must be 2..8 or 32, got {self.first_last_bits}")
         for name, value, allowed in (("method", self.method, METHODS), ("select", self.select, SELECTIONS),
+                                     ("allocation", self.allocation, ALLOCATIONS),
                                      ("grid", self.grid, GRIDS), ("clip", self.clip, CLIPS),
                                      ("rounding", self.rounding, ROUNDINGS),
                                      ("statistics", self.statistics, STATISTICS)):

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from builders import plain_chain
+from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu, plain_chain, random_input, run
 from onnx_udfc.cli import main
 
 
@@ -64,9 +66,20 @@ def test_same_input_same_bytes(model_path, tmp_path):
     (["MODEL", "OUT", "--prune", "-0.1"], 2, "--prune"),
     (["MODEL", "OUT", "--bits", "9"], 2, "--bits"),
     (["MODEL", "OUT", "--bits", "1"], 2, "--bits"),
+    (["MODEL", "OUT", "--prune", "nan"], 2, "--prune"),
+    (["MODEL", "OUT", "--prune", "abc"], 2, "--prune"),
+    (["MODEL", "OUT", "--first-last-bits", "9"], 2, "--first-last-bits"),
+    (["MODEL", "OUT", "--first-last-bits", "-1"], 2, "--first-last-bits"),
+    (["MODEL", "OUT", "--samples", "1"], 2, "--samples"),
+    (["MODEL", "OUT", "--seed", "-1"], 2, "--seed"),
+    (["MODEL", "OUT", "--max-rel-error", "-1"], 2, "--max-rel-error"),
+    (["MODEL", "OUT", "--max-rel-error", "nan"], 2, "--max-rel-error"),
     (["MODEL", "OUT", "--method", "magic"], 2, "invalid choice"),
     (["MODEL", "MODEL"], 2, "input"),
     (["MODEL", "/nonexistent-dir/out.onnx"], 2, "folder"),
+    (["MODEL", "OUT", "--report", "/nonexistent-dir/r.json"], 2, "folder"),
+    (["MODEL", "OUT", "--report", "OUT"], 2, "--report"),
+    (["MODEL", "OUT", "--report", "MODEL"], 2, "--report"),
     (["MODEL", "OUT", "--input-shape", "bad"], 2, "input-shape"),
     (["MODEL", "OUT", "--input-shape", "nope:1x3x16x16"], 2, "unknown input"),
 ])
@@ -77,9 +90,18 @@ def test_usage_errors_exit_2_with_one_line(model_path, tmp_path, args, code, tex
     rc, err = cli(*args)
     assert rc == code, err
     assert text in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not os.path.exists(out)
+    assert_refused(rc, err, code, text, out)
     assert sha(model_path) == before
+
+
+def assert_refused(rc, err, code, text, out):
+    """Exit `code`, one stderr line holding `text`, no traceback, nothing written next to `out`."""
+    assert rc == code, err
+    assert text in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    folder = os.path.dirname(str(out))
+    assert not os.path.exists(out) and not os.path.exists(str(out) + ".data")
+    assert not [f for f in os.listdir(folder) if f.startswith(".udfc-")]
 
 
 def test_not_onnx_and_truncated_exit_3(model_path, tmp_path):
@@ -87,11 +109,16 @@ def test_not_onnx_and_truncated_exit_3(model_path, tmp_path):
     junk.write_bytes(b"this is not a model at all \x00\x01\x02")
     trunc = tmp_path / "trunc.onnx"
     trunc.write_bytes(open(model_path, "rb").read()[:500])
-    for path in (junk, trunc):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    for path in (junk, trunc, empty):
         rc, err = cli(str(path), str(tmp_path / "o.onnx"))
-        assert rc == 3, err
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-        assert not (tmp_path / "o.onnx").exists()
+        assert_refused(rc, err, 3, str(path), tmp_path / "o.onnx")
+
+
+def test_input_directory_exit_2(tmp_path):
+    rc, err = cli(str(tmp_path), str(tmp_path / "o.onnx"))
+    assert_refused(rc, err, 2, "directory", tmp_path / "o.onnx")
 
 
 def test_old_opset_exit_3(tmp_path):
@@ -100,7 +127,149 @@ def test_old_opset_exit_3(tmp_path):
     path = tmp_path / "old.onnx"
     onnx.save(model, str(path))
     rc, err = cli(str(path), str(tmp_path / "o.onnx"))
-    assert rc == 3 and "opset 9" in err
+    assert_refused(rc, err, 3, "opset 9", tmp_path / "o.onnx")
+
+
+def test_model_failing_checker_exit_3(tmp_path):
+    model = plain_chain()
+    model.graph.node[1].input[0] = "nowhere"  # reads a tensor nothing produces
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    rc, err = cli(str(path), str(tmp_path / "o.onnx"), "--bits", "8")
+    assert_refused(rc, err, 3, "onnx.checker", tmp_path / "o.onnx")
+
+
+def _as_float16(model, data_type):
+    """The same graph with every float initializer and the input/output declared as `data_type`."""
+    for t in model.graph.initializer:
+        values = numpy_helper.to_array(t).astype(np.float32)
+        t.CopyFrom(helper.make_tensor(t.name, data_type, values.shape, values.flatten().tolist()))
+    for v in list(model.graph.input) + list(model.graph.output):
+        v.type.tensor_type.elem_type = data_type
+    return model
+
+
+def _dequantized_weight():
+    """conv weight stored as int8 and dequantized at run time (QDQ export)."""
+    model = plain_chain()
+    g = model.graph
+    conv = next(n for n in g.node if n.op_type == "Conv")
+    w = next(t for t in g.initializer if t.name == conv.input[1])
+    scale = float(np.abs(numpy_helper.to_array(w)).max() / 127)
+    q = np.round(numpy_helper.to_array(w) / scale).astype(np.int8)
+    g.initializer.remove(w)
+    g.initializer.extend([numpy_helper.from_array(q, "w_int8"), numpy_helper.from_array(np.float32(scale), "w_scale")])
+    g.node.insert(0, helper.make_node("DequantizeLinear", ["w_int8", "w_scale"], [conv.input[1]], name="dq"))
+    return model
+
+
+def _qlinear_conv():
+    """x -> QuantizeLinear -> QLinearConv -> DequantizeLinear (an integer-only model)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.float32(0.05), "xs"), numpy_helper.from_array(np.uint8(128), "xz"),
+             numpy_helper.from_array(rng.integers(-20, 20, (4, 3, 3, 3)).astype(np.int8), "w"),
+             numpy_helper.from_array(np.float32(0.01), "ws"), numpy_helper.from_array(np.int8(0), "wz"),
+             numpy_helper.from_array(np.float32(0.1), "ys"), numpy_helper.from_array(np.uint8(128), "yz")]
+    nodes = [helper.make_node("QuantizeLinear", ["input", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], name="qconv",
+                              kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dq")]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("make,text", [
+    (lambda: _as_float16(plain_chain(), TensorProto.FLOAT16), "float16"),
+    (lambda: _as_float16(plain_chain(), TensorProto.BFLOAT16), "bfloat16"),
+    (_dequantized_weight, "already quantized (DequantizeLinear"),
+    (_qlinear_conv, "already quantized (QuantizeLinear"),
+])
+def test_unsupported_weight_types_exit_3(tmp_path, make, text):
+    model = make()
+    onnx.checker.check_model(model)  # a valid model, only not one this tool compresses
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    rc, err = cli(str(path), str(tmp_path / "o.onnx"), "--prune", "0.3", "--bits", "8")
+    assert_refused(rc, err, 3, text, tmp_path / "o.onnx")
+
+
+def test_unwritable_output_folder_exit_2(model_path, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(str(folder), os.W_OK):  # root ignores the mode bits: make the check see what a user would
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(folder)
+                            and mode & os.W_OK else real_access(p, mode, **kw))
+    try:
+        rc = main([model_path, str(folder / "o.onnx"), "--bits", "8", "-q"])
+        assert_refused(rc, capsys.readouterr().err, 2, "not writable", folder / "o.onnx")
+    finally:
+        folder.chmod(0o755)
+
+
+def test_write_failure_at_save_time_exit_2_without_leftovers(model_path, tmp_path, monkeypatch, capsys):
+    """Disk full while writing: one line, exit 2, no temporary or partial file left."""
+    import onnx_udfc.ir.io as io
+
+    real_replace = os.replace
+
+    def full_disk(src, dst):
+        if str(dst).endswith("o.onnx"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", full_disk)
+    rc = main([model_path, str(tmp_path / "o.onnx"), "--bits", "8", "-q", "--no-validate"])
+    assert_refused(rc, capsys.readouterr().err, 2, "No space left on device", tmp_path / "o.onnx")
+
+
+def _single_conv():
+    b = ModelBuilder((1, 3, 8, 8))
+    return calibrate_batchnorm(b.build(conv_bn_relu(b, "input", 8)))
+
+
+def _gemm_softmax_gemm():
+    b = ModelBuilder((1, 16))
+    b.inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 16])]
+    x = b.gemm("input", 12)
+    x = b._same("Softmax", [x], x, axis=1)
+    return b.build(b.gemm(x, 4))
+
+
+@pytest.mark.parametrize("make,bits", [(_single_conv, "8"), (_single_conv, "32"), (_gemm_softmax_gemm, "6")])
+def test_prune_without_prunable_chain_warns_and_writes(tmp_path, make, bits):
+    model = make()
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(model, str(src))
+    rc, err = cli(str(src), str(out), "--prune", "0.5", "--bits", bits, "-q", "--report", str(rep))
+    assert rc == 0, err
+    assert err.strip().splitlines() == [err.strip()] and "Traceback" not in err
+    assert "WARNING: no prunable chain; pruning skipped" in err
+    notes = json.loads(rep.read_text())["notes"]
+    assert any(n.startswith("no prunable chain; pruning skipped (") for n in notes), notes
+    result = onnx.load(str(out))
+    weights = lambda m: sorted(int(np.prod(t.dims)) for t in m.graph.initializer if len(t.dims) >= 2)
+    assert weights(result) == weights(model)  # nothing pruned
+    x = random_input(model)
+    error = np.linalg.norm(run(result, x) - run(model, x)) / np.linalg.norm(run(model, x))
+    assert error < (1e-5 if bits == "32" else 0.1)
+    quantized = [l for l in json.loads(rep.read_text())["layers"] if l.get("bits", 32) < 32]
+    assert bool(quantized) == (bits != "32")
+
+
+def test_prune_ratio_too_small_warns(model_path, tmp_path):
+    rep = tmp_path / "r.json"
+    rc, err = cli(model_path, str(tmp_path / "o.onnx"), "--prune", "0.01", "-q", "--report", str(rep))
+    assert rc == 0, err
+    assert len(err.strip().splitlines()) == 1 and "removed no channel" in err
+    assert any("removed no channel" in n for n in json.loads(rep.read_text())["notes"])
+
+
+def test_pruning_that_removes_channels_has_no_warning(model_path, tmp_path):
+    rc, err = cli(model_path, str(tmp_path / "o.onnx"), "--prune", "0.3", "-q")
+    assert rc == 0 and err == ""
 
 
 def test_validation_threshold_exit_1_without_output(model_path, tmp_path):

@@ -20,6 +20,8 @@ def weight_shapes(model):
 
 
 def compress_and_check(model, **kw):
+    """Compress (uniform allocation unless asked: these tests check each chain's floor(R * N)), check, compare."""
+    kw.setdefault("allocation", "uniform")
     out, report = compress(model, **kw)
     onnx.checker.check_model(out, full_check=True)
     x = random_input(model)

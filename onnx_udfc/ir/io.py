@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import onnx
 from onnx import TensorProto
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from ..errors import BadModelError, UsageError
 
@@ -16,6 +17,8 @@ log = logging.getLogger(__name__)
 MIN_OPSET = 11
 #: Above this serialized size the protobuf limit (2 GB) is near: weights go to an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+#: Largest model (serialized, weights included) that onnx.checker, shape inference and onnxruntime accept in memory.
+PROTOBUF_LIMIT = 2**31 - 1
 _UNSUPPORTED_WEIGHT_TYPES = {
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
@@ -25,17 +28,49 @@ _UNSUPPORTED_WEIGHT_TYPES = {
 
 def load_model(path: str) -> onnx.ModelProto:
     """Read an ONNX file (and its external data) or raise a one-line UsageError/BadModelError."""
+    return read_model(path)[0]
+
+
+def read_model(path: str) -> Tuple[onnx.ModelProto, List[str]]:
+    """The model at `path` with its weights in memory, and the absolute paths of its external data files."""
     if not os.path.exists(path):
         raise UsageError(f"input file not found: {path}")
     if os.path.isdir(path):
         raise UsageError(f"input path is a directory, not an ONNX file: {path}")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"input file is not readable: {path}")
     try:
-        model = onnx.load(path, load_external_data=True)
-    except Exception as exc:  # protobuf DecodeError, missing external data, ...
+        model = onnx.load(path, load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, ...
         raise BadModelError(f"cannot read {path} as ONNX: {_first_line(exc)}") from None
     if not model.graph.node:
         raise BadModelError(f"{path} holds no ONNX graph (empty or not an ONNX model)")
-    return model
+    folder = os.path.dirname(os.path.abspath(path))
+    data_files = external_data_files(model, folder)
+    for data in data_files:
+        if not os.path.isfile(data):
+            raise BadModelError(f"external data file not found: {data} (referenced by {path})")
+    try:
+        onnx.load_external_data_for_model(model, folder)
+    except Exception as exc:  # truncated data file, location outside the model folder, ...
+        raise BadModelError(f"cannot read the external data of {path}: {_first_line(exc)}") from None
+    return model, data_files
+
+
+def external_data_files(model: onnx.ModelProto, folder: str) -> List[str]:
+    """Absolute paths of the external data files the tensors of `model` refer to, in first-use order."""
+    files: List[str] = []
+    for t in _all_tensors(model):
+        if uses_external_data(t):
+            location = os.path.abspath(os.path.join(folder, ExternalDataInfo(t).location))
+            if location not in files:
+                files.append(location)
+    return files
+
+
+def data_file_for(path: str) -> str:
+    """Where `save_model` puts the weights of a model saved with external data at `path`."""
+    return os.path.abspath(path) + ".data"
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -48,6 +83,12 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 def check_supported(model: onnx.ModelProto) -> None:
     """Refuse models this tool cannot compress correctly, with the reason on one line."""
+    size = model.ByteSize()
+    if size > PROTOBUF_LIMIT:
+        raise BadModelError(
+            f"model is {size / 2**30:.2f} GiB with its weights; models over 2 GiB are not supported "
+            "(onnx.checker, shape inference and onnxruntime need them in one protobuf)"
+        )
     opset = model_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET:
@@ -61,12 +102,7 @@ def check_supported(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:
         raise BadModelError(f"model fails onnx.checker: {_first_line(exc)}") from None
-    for t in model.graph.initializer:
-        if t.data_type in _UNSUPPORTED_WEIGHT_TYPES:
-            raise BadModelError(
-                f"weights of type {_UNSUPPORTED_WEIGHT_TYPES[t.data_type]} are not supported "
-                f"(initializer '{t.name}'); export the model in float32"
-            )
+    _check_float_types(model)
     quantized = [n.op_type for n in model.graph.node
                  if n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger",
                                   "MatMulInteger", "QLinearMatMul")]
@@ -74,6 +110,22 @@ def check_supported(model: onnx.ModelProto) -> None:
         raise BadModelError(
             f"model is already quantized ({quantized[0]} nodes); give the float32 original instead"
         )
+
+
+def _check_float_types(model: onnx.ModelProto) -> None:
+    """Refuse float16/bfloat16/float64 initializers and graph inputs."""
+    for t in model.graph.initializer:
+        if t.data_type in _UNSUPPORTED_WEIGHT_TYPES:
+            raise BadModelError(
+                f"weights of type {_UNSUPPORTED_WEIGHT_TYPES[t.data_type]} are not supported "
+                f"(initializer '{t.name}'); export the model in float32"
+            )
+    for i in model.graph.input:
+        elem = i.type.tensor_type.elem_type
+        if elem in _UNSUPPORTED_WEIGHT_TYPES:
+            raise BadModelError(
+                f"input '{i.name}' is {_UNSUPPORTED_WEIGHT_TYPES[elem]}; export the model in float32"
+            )
 
 
 def check_output_folder(path: str) -> str:
@@ -86,43 +138,71 @@ def check_output_folder(path: str) -> str:
     return folder
 
 
-def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None) -> None:
-    """Write `model` to `path` atomically (temporary file in the same folder, then rename).
+def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None) -> Optional[str]:
+    """Write `model` to `path` atomically (temporary files in the same folder, then renames).
 
-    Models near the 2 GB protobuf limit are saved with their weights in `<name>.data` beside `path`.
+    Models near the 2 GB protobuf limit are saved with their weights in `<name>.data` beside `path`
+    (`data_file_for(path)`); returns that file's path, or None when everything is in `path`.
+    `model` is complete in memory again on return. An OSError (no space, no permission) becomes a
+    one-line UsageError and leaves no temporary file behind.
     """
     folder = check_output_folder(path)
     if external_data is None:
         external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    tmp_data = None
+    tmp = tmp_data = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".onnx", dir=folder)
+        os.close(fd)
         if external_data:
-            data_name = os.path.basename(path) + ".data"
-            tmp_data_name = os.path.basename(tmp) + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=tmp_data_name, size_threshold=1024)
-            tmp_data = os.path.join(folder, tmp_data_name)
-            # point the model at the final data file name, then rewrite the (small) model file
-            for t in _all_tensors(model):
-                for entry in t.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-            os.replace(tmp_data, os.path.join(folder, data_name))
+            tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
+            _write_with_external_data(model, tmp, tmp_data, data_file_for(path))
+            os.replace(tmp_data, data_file_for(path))
             tmp_data = None
-            onnx.load_external_data_for_model(model, folder)
         else:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         for leftover in (tmp, tmp_data):
             if leftover and os.path.exists(leftover):
                 os.unlink(leftover)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
         raise
+    return data_file_for(path) if external_data else None
+
+
+def _write_with_external_data(model: onnx.ModelProto, tmp: str, tmp_data: str, final_data: str) -> None:
+    """Weights to `tmp_data`, the model (pointing at `final_data`'s name) to `tmp`; `model` reloaded after."""
+    try:
+        onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=os.path.basename(tmp_data), size_threshold=1024)
+        _set_location(model, os.path.basename(final_data))
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString(deterministic=True))
+    except BaseException:
+        try:  # best effort: the caller is failing anyway
+            _reload_weights(model, tmp_data)
+        except Exception:
+            log.debug("weights of the failed save not reloaded", exc_info=True)
+        raise
+    _reload_weights(model, tmp_data)
+
+
+def _set_location(model: onnx.ModelProto, location: str) -> None:
+    for t in _all_tensors(model):
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+def _reload_weights(model: onnx.ModelProto, data_path: str) -> None:
+    """Bring the weights saved in `data_path` back into `model` (in memory, no external reference left)."""
+    _set_location(model, os.path.basename(data_path))
+    moved = [t for t in _all_tensors(model) if uses_external_data(t)]
+    onnx.load_external_data_for_model(model, os.path.dirname(data_path))
+    for t in moved:  # as before the save, byte for byte (the loader sets data_location=DEFAULT explicitly)
+        t.ClearField("data_location")
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -141,12 +221,15 @@ def _first_line(exc: BaseException) -> str:
 def write_text_atomic(path: str, text: str) -> None:
     """Write a small text file (the JSON report) via a temporary file and a rename."""
     folder = check_output_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".json", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".json", dir=folder)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise UsageError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
         raise

@@ -100,7 +100,8 @@ def quantization_grid(lo, hi, bits: int, symmetric: bool) -> tuple[np.ndarray, n
     if symmetric:
         zp = np.zeros(scale.shape, dtype=np.int64)
     else:
-        zp = np.clip(round_half_away(-lo / scale), qmin, qmax).astype(np.int64)
+        # ties round down so the channel minimum lands on level 0 (re-quantizing w_q keeps the same grid)
+        zp = np.clip(np.ceil(-lo / scale - 0.5), qmin, qmax).astype(np.int64)
     return scale, zp
 
 
@@ -185,7 +186,7 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.n
         shape3 = (n, c, w2.shape[1] // c)
         lock_lo, lock_hi = (qmin - zp) != 0, (qmax - zp) != 0
         q = balanced_round(r.reshape(shape3), q.reshape(shape3), qmin, qmax, lock_lo, lock_hi).reshape(n, -1)
-    w_q = (q - zp[:, None]).astype(np.float32) * scale.astype(np.float32)[:, None]
+    w_q = (q - zp[:, None]).astype(np.float32) * scale.astype(np.float32)[:, None] + np.float32(0.0)  # no -0.0
     log.debug("fake_quantize: %d channels, %d bits, mean alpha %.3f", n, spec.bits, float(alpha.mean()))
     out_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
     return w_q.reshape(w.shape).astype(out_dtype), scale, zp

@@ -14,7 +14,8 @@ import logging
 import numpy as np
 import scipy.linalg
 
-__all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order"]
+__all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "lower_convex_hull",
+           "allocate_removals"]
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +137,55 @@ def select_by_expected_error(cov, gram, n_remove: int, ridge: float = 1.0) -> np
     if n_remove:
         log.debug("select_by_expected_error: removed %d, expected error %.4g", n_remove, errors[-1])
     return np.sort(order)
+
+
+def lower_convex_hull(errors: np.ndarray) -> np.ndarray:
+    """Per-step slopes of the lower convex hull of the points ``(k, e(k))``, ``k = 0..K`` with ``e(0) = 0``.
+
+    Args:
+        errors: (K,) error after removing 1..K channels (need not be convex or monotone).
+
+    Returns:
+        (K,) nondecreasing marginal costs: step k costs ``slope[k-1]``; summing the first k steps gives
+        the hull value at k (<= e(k), equal at the hull's vertices).
+    """
+    e = np.concatenate([[0.0], np.asarray(errors, dtype=np.float64)])
+    hull = [0]
+    for k in range(1, e.size):  # monotone chain; K is at most a few thousand per layer
+        while len(hull) >= 2:
+            i, j = hull[-2], hull[-1]
+            if (e[j] - e[i]) * (k - i) >= (e[k] - e[i]) * (j - i):
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    vertices = np.asarray(hull)
+    slopes = np.diff(e[vertices]) / np.diff(vertices)
+    return np.repeat(slopes, np.diff(vertices))
+
+
+def allocate_removals(curves, budget: int) -> np.ndarray:
+    """How many channels each layer loses so that the summed error is smallest for `budget` removals.
+
+    Each layer's curve is replaced by its lower convex hull; the `budget` cheapest hull steps over all
+    layers are taken (ties: earlier layer, then earlier step). With convex curves this is the exact
+    minimiser of ``sum_l e_l(k_l)`` subject to ``sum_l k_l = budget`` (a Lagrangian / water-filling
+    argument); otherwise it is exact on the hulls.
+
+    Args:
+        curves: list of (K_l,) arrays, error after removing 1..K_l channels of layer l.
+        budget: total channels to remove, ``0 <= budget <= sum K_l``.
+
+    Returns:
+        (L,) int64 removals per layer.
+    """
+    slopes = [lower_convex_hull(c) for c in curves]
+    total = sum(s.size for s in slopes)
+    budget = int(budget)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget {budget} outside [0, {total}]")
+    if not slopes:
+        return np.zeros(0, dtype=np.int64)
+    layer = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, s in enumerate(slopes)])
+    taken = np.argsort(np.concatenate(slopes), kind="stable")[:budget]
+    return np.bincount(layer[taken], minlength=len(slopes)).astype(np.int64)

@@ -19,6 +19,7 @@ from ..patterns.chains import ChainFinder
 from ..patterns.groups import coupled_groups
 from ..stats.model import AnalyticStatistics
 from ..stats.sampled import CombinedStatistics, SampledStatistics
+from .allocate import plan_global_allocation
 from .base import Pass, PassContext, PassResult
 from .prune import prune_chain
 from .quantize import quantize_layer
@@ -104,13 +105,16 @@ class CompressLayersPass(Pass):
             ctx.layer(chain.producer)["chain"] = True
         by_consumer = {id(c.consumer): c for c in chains}
         boundary = boundary_layers(graph) if options.quantize else set()
+        plans = {}
+        if options.prune > 0 and options.allocation == "global" and options.select == "expected-error":
+            plans = plan_global_allocation(ctx, chains)
         pruned = quantized = 0
         for node in graph.topological_nodes():
             if node.op_type not in LINEAR_OPS:
                 continue
             chain = by_consumer.get(id(node))
             if chain is not None and options.prune > 0:
-                prune_chain(ctx, chain)
+                prune_chain(ctx, chain, plans.get(id(node)))
                 record = ctx.layer(chain.producer)
                 pruned += record["channels_before"] - record["channels_after"]
             if options.quantize:

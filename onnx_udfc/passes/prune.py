@@ -35,17 +35,23 @@ def consumer_taps(rows: np.ndarray, channels: int, block: int) -> np.ndarray:
     return rows.reshape(m, channels, -1)
 
 
-def prune_chain(ctx: PassContext, chain: Chain) -> None:
-    """Prune `chain` in place per ctx.options and record the decision on the producer's report line."""
+def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
+    """Prune `chain` in place per ctx.options and record the decision on the producer's report line.
+
+    plan: a `ChainPlan` from the global allocation (its count and removal order), or None for the
+    uniform `floor(prune * N)` with the configured selection.
+    """
     graph, options = ctx.graph, ctx.options
     record = ctx.layer(chain.producer)
     n = chain.channels
-    n_remove = int(np.floor(options.prune * n))
+    n_remove = int(np.floor(options.prune * n)) if plan is None else plan.n_remove
     record.update(channels_before=n, channels_after=n, consumer=chain.consumer.name or chain.consumer.output[0])
     if chain.depthwise is not None:
         record["through_depthwise"] = chain.depthwise.name or chain.depthwise.output[0]
     if n_remove < 1:
-        record["skipped"] = [f"pruning: ratio {options.prune} removes no channel of {n}"]
+        reason = (f"the global allocation keeps all {n} channels (removing others costs less)" if plan is not None
+                  else f"ratio {options.prune} removes no channel of {n}")
+        record["skipped"] = [f"pruning: {reason}"]
         return
     producer = read_layer(graph, chain.producer)
     consumer = read_layer(graph, chain.consumer)
@@ -59,7 +65,9 @@ def prune_chain(ctx: PassContext, chain: Chain) -> None:
         if method == "mean":
             method = "none"
     flat_producer = producer.rows.reshape(n, -1).astype(np.float64)
-    if select == "expected-error":
+    if plan is not None:
+        pruned = plan.removed()
+    elif select == "expected-error":
         gram = np.einsum("mnt,mkt->nk", v_taps, v_taps, optimize=True)
         pruned = select_by_expected_error(statistics[1], gram, n_remove, ridge=options.selection_ridge)
     else:
@@ -80,7 +88,8 @@ def prune_chain(ctx: PassContext, chain: Chain) -> None:
         set_attr(chain.depthwise, "group", int(kept.size))
     if ctx.stats is not None:
         ctx.stats.restrict(chain.path, kept)
-    record.update(channels_after=int(kept.size), pruned=[int(i) for i in pruned], method=method, select=select)
+    record.update(channels_after=int(kept.size), pruned=[int(i) for i in pruned], method=method, select=select,
+                  allocation="global" if plan is not None else "uniform")
 
 
 def consumer_residual_variance(v_taps: np.ndarray, cov: np.ndarray, s: np.ndarray, kept: np.ndarray) -> np.ndarray:

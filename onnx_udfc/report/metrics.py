@@ -29,23 +29,23 @@ def count_macs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], shapes: D
     one = {k: (1,) + tuple(v[1:]) if len(v) > 1 else tuple(v) for k, v in input_shapes.items()}
     if shapes is None:
         shapes = infer_static_shapes(model, one)
-    total = 0
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
-            continue
-        out = shapes.get(node.output[0])
-        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
-        if out is None or w is None:
-            continue
-        if node.op_type == "Conv":
-            total += int(np.prod(out)) * int(np.prod(w[1:]))
-        elif node.op_type == "ConvTranspose":
-            total += int(np.prod(shapes.get(node.input[0], (0,)))) * int(np.prod(w[1:]))
-        elif node.op_type == "Gemm":
-            k = w[1] if attr(node, "transB", 0) else w[0]
-            total += int(np.prod(out)) * int(k)
-        else:
-            a = shapes.get(node.input[0])
-            if a is not None:
-                total += int(np.prod(out)) * int(a[-1])
-    return total
+    return sum(node_macs(node, shapes) for node in model.graph.node)
+
+
+def node_macs(node: onnx.NodeProto, shapes: Dict[str, tuple]) -> int:
+    """Multiply-accumulates of one Conv/ConvTranspose/Gemm/MatMul node (0 for other ops or unknown shapes)."""
+    if node.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
+        return 0
+    out = shapes.get(node.output[0])
+    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if out is None or w is None:
+        return 0
+    if node.op_type == "Conv":
+        return int(np.prod(out)) * int(np.prod(w[1:]))
+    if node.op_type == "ConvTranspose":
+        return int(np.prod(shapes.get(node.input[0], (0,)))) * int(np.prod(w[1:]))
+    if node.op_type == "Gemm":
+        k = w[1] if attr(node, "transB", 0) else w[0]
+        return int(np.prod(out)) * int(k)
+    a = shapes.get(node.input[0])
+    return int(np.prod(out)) * int(a[-1]) if a is not None else 0
