@@ -3,15 +3,20 @@
 A chain is the path along which the N output channels of a producer travel, unmixed, to the one layer
 that mixes them again (the consumer):
 
-    producer (Conv group 1 | Gemm) -> [act] -> [MaxPool | AveragePool | Pad]*
+    producer (Conv group 1 | Gemm) -> [act] -> [MaxPool | AveragePool | Pad | Resize]*
         -> [depthwise Conv -> [act] -> [pools]*]            (MobileNet style; pruned together)
         -> consumer (Conv group 1 | Gemm | MatMul), possibly after
            GlobalAveragePool/ReduceMean -> Flatten/Reshape (channel m = column m) or
            Flatten of an HxW map (channel m = columns [m*H*W, (m+1)*H*W))
 
-BatchNormalization must already be folded into the producer and the depthwise conv (FoldBatchNormPass).
-Every tensor on the path must have exactly one reader and must not be a graph output; weights must be
-constant and not shared. Producers that do not form a chain get a `Rejection` with the reason.
+`act` is any run of channel-agnostic pointwise steps (`pointwise_run`): a plain activation, or an exporter's
+spelling such as `x * Clip(x + 3, 0, 6) / 6` (HardSwish), `x * Sigmoid(x)` (SiLU), `max(LeakyRelu(x), c)`,
+or an activation followed by a scalar `Mul`/`Add`; its steps use scalar constants only, so removing
+channel m from the producer removes it from every tensor of the run and nothing else.
+BatchNormalization (and per-channel `Mul`/`Add` right after a linear layer) must already be folded into
+the producer and the depthwise conv (FoldBatchNormPass). Every other tensor on the path must have exactly
+one reader and must not be a graph output; weights must be constant and not shared. Producers that do not
+form a chain get a `Rejection` with the reason (a squeeze-excitation gate, a residual Add, a Concat, ...).
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ import onnx
 
 from ..ir.graph import Graph, attr
 from ..numerics.activations import Activation
-from .activations import activation_of
+from .activations import PASSTHROUGH_OPS, activation_of, pointwise_run
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 POOL_OPS = ("MaxPool", "AveragePool")
+#: ops that rescale the spatial axes only (channel-preserving when their scales/sizes keep axis 1)
+RESIZE_OPS = ("Resize", "Upsample")
 COUPLING_OPS = ("Add", "Sum", "Sub", "Concat", "Mul", "Split")
 FLATTEN_OPS = ("Flatten", "Reshape", "Squeeze")
 
@@ -140,25 +147,32 @@ class ChainFinder:
         stage_has_act = False
         self._path = [(tensor, 1)]
         while True:
+            run = pointwise_run(g, tensor, self.shapes)
+            if run is not None and not all(n.op_type in PASSTHROUGH_OPS for n in run.nodes):
+                if stage_has_act or stage.pools:
+                    return f"{run.nodes[0].op_type} after another activation or pool on the path (unsupported)"
+                stage.activation = run.activation
+                stage_has_act = True
+                self._path.extend((t, 1) for t in run.tensors)
+                tensor = run.output
+                continue
             reader, reason = self._single_reader(tensor)
             if reader is None:
                 return reason
             op = reader.op_type
-            act, _ = activation_of(g, reader)
             if op == "BatchNormalization":
                 return "BatchNormalization that could not be folded on the path"
-            if act is not None and op not in ("Identity", "Dropout"):
-                if stage_has_act or stage.pools:
-                    return f"{op} after another activation or pool on the path (unsupported)"
-                stage.activation = act
-                stage_has_act = True
-            elif op in ("Identity", "Dropout"):
+            if op in PASSTHROUGH_OPS:
                 pass
             elif op in POOL_OPS:
                 stage.pools.append(reader)
             elif op == "Pad":
                 if not self._pad_keeps_channels(reader, n):
                     return "Pad on the channel axis"
+                stage.pools.append(reader)
+            elif op in RESIZE_OPS:
+                if not self._resize_keeps_channels(reader):
+                    return f"{op} with sizes or a channel scale (would break after pruning)"
                 stage.pools.append(reader)
             elif op == "Conv" and depthwise is None and is_depthwise(g, reader, n) and reader.input[0] == tensor:
                 if g.use_count(reader.input[1]) > 1:
@@ -175,11 +189,30 @@ class ChainFinder:
                 stage.output = tensor
                 return self._through_flatten(producer, n, first, depthwise, second, reader, tensor)
             elif op in COUPLING_OPS:
-                return f"output reaches {op} ({reader.name or reader.output[0]}): channels coupled with another branch"
+                return self._coupling_reason(reader, tensor)
             else:
-                return f"unsupported op {op} between producer and consumer"
+                _, why = activation_of(g, reader)
+                return why if op == "PRelu" else f"unsupported op {op} between producer and consumer"
             tensor = reader.output[0]
             self._path.append((tensor, 1))
+
+    def _coupling_reason(self, reader: onnx.NodeProto, tensor: str) -> str:
+        """Why a Mul/Add/Concat/... reading the chain's channels stops it."""
+        name = reader.name or reader.output[0]
+        if reader.op_type == "Mul":
+            other = next((i for i in reader.input if i != tensor), "")
+            if self.graph.is_constant(other):
+                return f"output reaches Mul ({name}) by a per-channel constant (pruning would have to slice it)"
+            mine, shape = self.shapes.get(tensor), self.shapes.get(other)
+            if mine is not None and shape is not None and len(mine) == 4 and mine[2:] == (1, 1) and shape[2:] != (1, 1):
+                return (f"squeeze-excitation gate: its channels scale the block's channels in Mul ({name}); "
+                        "pruning it would have to prune the block too")
+            if shape is not None and len(shape) == 4 and shape[2:] == (1, 1):
+                return (f"output reaches Mul ({name}) by a per-channel gate (squeeze-excitation): "
+                        "channels coupled with the gate's convs")
+        if reader.op_type in ("Add", "Sub") and any(i != tensor and self.graph.is_constant(i) for i in reader.input):
+            return f"output reaches {reader.op_type} ({name}) with a per-channel constant (pruning would have to slice it)"
+        return f"output reaches {reader.op_type} ({name}): channels coupled with another branch"
 
     def _single_reader(self, tensor: str):
         g = self.graph
@@ -190,6 +223,9 @@ class ChainFinder:
             return None, "output is not used"
         if len(readers) > 1 or g.use_count(tensor) > 1:
             ops = sorted({r.op_type for r in readers})
+            if "Mul" in ops and ({"GlobalAveragePool", "ReduceMean"} & set(ops)):
+                return None, ("squeeze-excitation block: the channels are scaled by a gate computed from "
+                              "themselves (GlobalAveragePool -> ... -> Mul); pruning through the gate is not supported")
             coupled = [o for o in ops if o in COUPLING_OPS]
             if coupled:
                 return None, f"fan-out to {len(readers)} readers including {coupled[0]}: coupled channels (residual)"
@@ -209,6 +245,17 @@ class ChainFinder:
             return False
         rank = len(pads) // 2
         return rank >= 2 and pads[0] == pads[1] == pads[rank] == pads[rank + 1] == 0
+
+    def _resize_keeps_channels(self, node: onnx.NodeProto) -> bool:
+        """True when a Resize/Upsample has constant scales with scale 1 on axes 0 and 1 and no sizes input."""
+        inputs = list(node.input)
+        scales_name = inputs[1] if node.op_type == "Upsample" else (inputs[2] if len(inputs) > 2 else "")
+        if node.op_type == "Resize" and len(inputs) > 3 and inputs[3]:
+            return False
+        scales = attr(node, "scales", None) if not scales_name else self.graph.constant(scales_name)
+        if scales is None or len(scales) < 2:
+            return False
+        return float(scales[0]) == 1.0 and float(scales[1]) == 1.0
 
     def _through_flatten(self, producer, n, first, depthwise, second, reader, tensor):
         """GAP/ReduceMean -> Flatten/Reshape -> Gemm, or Flatten of a map -> Gemm."""

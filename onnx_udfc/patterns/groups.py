@@ -2,8 +2,8 @@
 
 Layers whose outputs are summed by a residual `Add`/`Sum` must keep the same channel indices: pruning
 channel m means pruning it in every member at once. A group is found by tracing each input of an Add back
-through channel-wise ops (BatchNormalization, activations, pools, Pad, Identity) to the linear layer
-that produced it; an input that comes from another Add joins that Add's group (a residual stream).
+through channel-wise ops (BatchNormalization, activations and their exporter spellings such as
+`x * Clip(x + 3, 0, 6) / 6`, scalar Mul/Add, pools, Pad, Resize, Identity) to the linear layer that produced it; an input that comes from another Add joins that Add's group (a residual stream).
 These groups are reported; they are left unpruned and only quantized for now.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Dict, List
 
 from ..ir.graph import Graph
-from .activations import activation_of
+from .activations import pointwise_source
 
-_CHANNELWISE = ("BatchNormalization", "MaxPool", "AveragePool", "Pad", "Identity", "Dropout")
+_CHANNELWISE = ("BatchNormalization", "MaxPool", "AveragePool", "Pad", "Identity", "Dropout", "Resize", "Upsample")
 _SUMS = ("Add", "Sum")
 
 
@@ -60,7 +60,10 @@ def _trace_back(graph: Graph, tensor: str):
             return None
         if node.op_type in ("Conv", "Gemm", "MatMul") or node.op_type in _SUMS:
             return node
-        if node.op_type in _CHANNELWISE or activation_of(graph, node)[0] is not None:
+        if node.op_type in _CHANNELWISE:
             tensor = node.input[0]
             continue
-        return None
+        source = pointwise_source(graph, node)
+        if source is None:
+            return None
+        tensor = source
