@@ -7,39 +7,55 @@ import onnx
 import pytest
 
 from onnx_udfc import compress
-from onnx_udfc.numerics.selection import allocate_removals, lower_convex_hull
+from onnx_udfc.numerics.selection import BackwardGreedy, allocate_greedily, greedy_removal_order
 from onnx_udfc.passes.allocate import removal_cap
 
 from builders import ModelBuilder, depthwise_block, plain_chain, random_input, rel_error, run
 
 
-def test_lower_convex_hull_is_below_the_curve_and_convex():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        e = np.cumsum(rng.random(rng.integers(1, 12)) * rng.choice([0.1, 1, 10], size=1))
-        e = e + rng.normal(0, 0.2, e.size)  # not monotone, not convex
-        slopes = lower_convex_hull(e)
-        hull = np.cumsum(slopes)
-        assert np.all(np.diff(slopes) >= -1e-12)
-        assert np.all(hull <= e + 1e-9)
-        assert hull[-1] == pytest.approx(e[-1])  # the last point is always a vertex
+class CurveState:
+    """A layer whose k-th removal costs marginal[k] (the peek/step protocol of BackwardGreedy)."""
+
+    def __init__(self, marginal):
+        self.marginal, self.k = list(marginal), 0
+
+    def peek(self):
+        return (self.k, self.marginal[self.k]) if self.k < len(self.marginal) else (-1, np.inf)
+
+    def step(self):
+        self.k += 1
 
 
-def test_allocation_is_optimal_on_convex_curves():
+def test_greedy_allocation_is_optimal_on_convex_curves():
     rng = np.random.default_rng(1)
     for _ in range(150):
-        curves = [np.cumsum(np.sort(rng.random(rng.integers(1, 6)))) for _ in range(3)]
-        budget = int(rng.integers(0, sum(c.size for c in curves) + 1))
-        counts = allocate_removals(curves, budget)
+        marginals = [np.sort(rng.random(rng.integers(1, 6))) for _ in range(3)]
+        budget = int(rng.integers(0, sum(m.size for m in marginals) + 1))
+        counts = allocate_greedily([CurveState(m) for m in marginals], budget)
         assert counts.sum() == budget
-        cost = lambda ks: sum(([0.0] + list(c))[k] for c, k in zip(curves, ks))  # noqa: E731
-        best = min(cost(ks) for ks in itertools.product(*[range(c.size + 1) for c in curves]) if sum(ks) == budget)
+        cost = lambda ks: sum(m[:k].sum() for m, k in zip(marginals, ks))  # noqa: E731
+        best = min(cost(ks) for ks in itertools.product(*[range(m.size + 1) for m in marginals]) if sum(ks) == budget)
         assert cost(counts) == pytest.approx(best)
 
 
-def test_allocation_rejects_an_impossible_budget():
-    with pytest.raises(ValueError):
-        allocate_removals([np.ones(2)], 3)
+def test_greedy_allocation_stops_when_every_layer_is_exhausted():
+    assert list(allocate_greedily([CurveState([1.0]), CurveState([2.0, 3.0])], 5)) == [1, 2]
+
+
+def test_backward_greedy_steps_match_the_batch_order():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((30, 12))
+    cov, v = a @ a.T + 0.1 * np.eye(30), rng.standard_normal((8, 30))
+    order, errors = greedy_removal_order(cov, v.T @ v, 20, ridge=0.1)
+    greedy = BackwardGreedy(cov, v.T @ v, 25, ridge=0.1)
+    steps = [greedy.step() for _ in range(20)]
+    assert steps == list(order)
+    np.testing.assert_allclose(greedy.errors[:20], errors)
+    # the running error equals tr(G_DD Q_DD^-1) recomputed from scratch
+    q = np.linalg.inv(cov + 0.1 * np.mean(np.diag(cov)) * np.eye(30))
+    d = np.asarray(steps)
+    g = v.T @ v
+    assert errors[-1] == pytest.approx(np.trace(g[np.ix_(d, d)] @ np.linalg.inv(q[np.ix_(d, d)])), rel=1e-8)
 
 
 @pytest.mark.parametrize("make", [plain_chain, depthwise_block])

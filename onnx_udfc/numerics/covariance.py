@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from .activations import Activation
-from .moments import lagged_activation_covariance
+from .moments import tapped_activation_covariance
 
 __all__ = ["conv_preactivation_covariance", "depthwise_output_covariance", "nearest_psd", "cov_to_corr"]
 
@@ -111,16 +111,8 @@ def depthwise_output_covariance(mu, sigma, corr, act: Activation, kernel, spatia
     n = kernel.shape[0]
     if kernel.ndim < 2 or kernel.shape[1] != 1:
         raise ValueError(f"kernel must have shape (N, 1, *taps), got {kernel.shape}")
-    k2 = kernel.reshape(n, -1)
-    dist = _tap_distances(kernel.shape[2:], dilations)
-    lags = np.unique(dist)
-    factors = float(spatial_rho) ** lags
-    m = lagged_activation_covariance(mu, sigma, corr, act, factors, order=order)  # (L, N, N)
-    cov = np.zeros((n, n))
-    for l_idx, lag in enumerate(lags):
-        x = k2 @ (dist == lag).astype(np.float64) @ k2.T
-        cov += x * m[l_idx]
-    return 0.5 * (cov + cov.T)
+    tap_corr = _spatial_corr(kernel.shape[2:], spatial_rho, dilations)
+    return tapped_activation_covariance(mu, sigma, corr, act, kernel.reshape(n, -1), tap_corr, order=order)
 
 
 def nearest_psd(cov, floor: float = 0.0) -> np.ndarray:

@@ -192,6 +192,54 @@ def lagged_activation_covariance(mu, sigma, corr, act: Activation, lag_factors, 
     return 0.5 * (cov + np.swapaxes(cov, 1, 2))
 
 
+def tapped_activation_covariance(mu, sigma, corr, act: Activation, taps, tap_corr, order: int = 16) -> np.ndarray:
+    """Covariance of ``u_i = sum_t k_i(t) f(z_i(p + t))`` (a depthwise filter over activated Gaussians)
+    with ``corr(z_i(p + t), z_j(p + t')) = tap_corr[t, t'] * corr[i, j]``.
+
+    Same Mehler series as :func:`lagged_activation_covariance` summed against the kernels, regrouped
+    by order so that no (lags, N, N) stack is built:
+    ``cov = sum_k (C_k K) (tap_corr^k) (C_k K)^T * corr^k`` (powers elementwise, ``C_k = diag(c_:k)``
+    normalised Hermite coefficients), plus the tail estimate at order+1, plus, on the diagonal, the
+    exact variance wherever ``tap_corr == 1`` (a channel with itself at the same pixel).
+
+    Args:
+        mu, sigma: (N,) pre-activation moments. corr: (N, N) correlation at the same pixel.
+        taps: (N, T) kernel rows. tap_corr: (T, T) spatial correlation factors in [-1, 1].
+
+    Returns:
+        (N, N) float64, symmetric.
+    """
+    mu, sigma, _, _ = _prepare(mu, sigma)
+    n = mu.shape[0]
+    corr = _check_corr(corr, n)
+    k2 = np.asarray(taps, dtype=np.float64).reshape(n, -1)
+    tap_corr = np.asarray(tap_corr, dtype=np.float64)
+    chat = _normalized_coefficients(mu, sigma, act, order)
+    cov = np.zeros((n, n))
+    power = np.ones((n, n))
+    tap_power = np.ones_like(tap_corr)
+    for k in range(1, order + 1):
+        power *= corr
+        tap_power *= tap_corr
+        scaled = chat[:, k:k + 1] * k2  # (N, T)
+        cov += ((scaled @ tap_power) @ scaled.T) * power
+    var = gaussian_activation_moments(mu, sigma, act)[1]
+    tail = np.sqrt(np.maximum(var - np.sum(chat[:, 1:] ** 2, axis=1), 0.0))
+    last = chat[:, max(1, order - 3):]
+    norms = np.linalg.norm(last, axis=1)
+    unit = np.divide(last, norms[:, None], out=np.zeros_like(last), where=norms[:, None] > 0)
+    tail_rows = tail[:, None] * unit
+    power *= corr
+    tap_power *= tap_corr
+    cov += ((k2 @ tap_power) @ k2.T) * (tail_rows @ tail_rows.T) * power
+    # where tap_corr == 1 the series' diagonal (sum_k chat^2 + tail^2 unit.unit) is replaced by the exact variance
+    same = (tap_corr == 1.0).astype(np.float64)
+    series_diag = np.sum(chat[:, 1:] ** 2, axis=1) + np.sum(tail_rows ** 2, axis=1)
+    idx = np.arange(n)
+    cov[idx, idx] += np.einsum("it,ts,is->i", k2, same, k2) * (var - series_diag)
+    return 0.5 * (cov + cov.T)
+
+
 def activation_covariance(mu, sigma, corr, act: Activation, order: int = 16) -> np.ndarray:
     """Covariance of ``a = f(z)``, ``z ~ N(mu, diag(sigma) corr diag(sigma))``.
 

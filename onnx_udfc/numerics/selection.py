@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
 
 import numpy as np
 import scipy.linalg
+from scipy.linalg.blas import dger as _ger
 
-__all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "lower_convex_hull",
-           "allocate_removals"]
+__all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "BackwardGreedy",
+           "allocate_greedily"]
 
 log = logging.getLogger(__name__)
 
@@ -63,60 +65,102 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
     return 0.5 * (q + q.T)
 
 
-def greedy_removal_order(cov, gram, n_remove: int, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Backward greedy removal, in removal order, with the running error after each step.
+class BackwardGreedy:
+    """Backward greedy removal on ``err(D) = tr(G_DD Q_DD^{-1})``, one channel per `step()`.
 
-    Step: for every remaining candidate c, with ``A = Q_DD^{-1}``, ``U = A Q_{D,:}``,
-    ``s_c = Q_cc - Q_Dc . U_c`` (Schur complement),
-    ``err(D + c) = err(D) + (U_c^T G_DD U_c - 2 G_Dc . U_c + G_cc) / s_c``; take the argmin (ties: lower
-    index). ``U``, ``G_DD U`` and ``s`` are updated in O(|D| N) per step with the block inverse:
-    ``beta = (Q_c: - Q_cD U) / s_c``, ``U <- [U - U_c beta; beta]``, ``s <- s - s_c beta^2``.
+    For every remaining candidate c, with ``U = Q_DD^{-1} Q_{D,:}`` (|D|, N) and the Schur complement
+    ``s_c = Q_cc - Q_Dc . U_c``::
+
+        err(D + c) - err(D) = (t_c + G_cc) / s_c,   t = diag(U^T G_DD U) - 2 diag(G_{:,D} U)
+
+    Removing c updates everything with the block inverse in O(|D| N): ``beta = (Q_c: - Q_cD U) / s_c``,
+    ``U <- [U - U_c beta; beta]``, ``s <- s - s_c beta^2``, and ``t`` from the same rank-1 terms
+    (one (4, |D|) x (|D|, N) product, one matrix-vector product and the rank-1 update of U per step).
+    """
+
+    def __init__(self, cov, gram, max_remove: int, ridge: float = 1.0):
+        cov = np.asarray(cov, dtype=np.float64)
+        gram = np.asarray(gram, dtype=np.float64)
+        n = cov.shape[0]
+        if cov.shape != (n, n) or gram.shape != (n, n):
+            raise ValueError("cov and gram must both be (N, N)")
+        self.n = n
+        self.max_remove = _check_n_remove(max_remove, n)
+        self.q = _precision(0.5 * (cov + cov.T), ridge)
+        self.g = 0.5 * (gram + gram.T)
+        self.g_diag = np.diag(self.g).copy()
+        self.s = np.diag(self.q).copy()
+        self.t = np.zeros(n)
+        k = self.max_remove
+        self.u = np.zeros((k, n))  # rows: Q_DD^{-1} Q_{D,:}
+        self.g_rows = np.zeros((k, n))  # rows: G_{c,:} of the removed channels, in removal order
+        self.g_dd = np.zeros((k, k))  # G_DD in removal order
+        self.order = np.zeros(k, dtype=np.int64)
+        self.errors = np.zeros(k)
+        self.removed = np.zeros(n, dtype=bool)
+        self.d = 0
+        self.err = 0.0
+        self._next = None
+
+    def peek(self) -> tuple[int, float]:
+        """(channel, error increase) of the next removal; (-1, inf) when `max_remove` is reached."""
+        if self._next is None:
+            if self.d >= self.max_remove:
+                self._next = (-1, np.inf)
+            else:
+                delta = (self.t + self.g_diag) / np.maximum(self.s, _TINY)
+                delta[self.removed] = np.inf
+                c = int(np.argmin(delta))
+                self._next = (c, float(delta[c]))
+        return self._next
+
+    def step(self) -> int:
+        """Remove the best candidate; returns its index."""
+        c, delta = self.peek()
+        if c < 0:
+            raise ValueError("max_remove reached")
+        self._next = None
+        d, g, q = self.d, self.g, self.q
+        ud, gd, idx = self.u[:d], self.g_rows[:d], self.order[:d]
+        sc = max(float(self.s[c]), _TINY)
+        uc = ud[:, c].copy()
+        g_c_d = g[c, idx]
+        w = self.g_dd[:d, :d] @ uc  # G_DD U_c
+        h = gd[:, c] - w
+        products = np.stack([h, q[c, idx], g_c_d, w]) @ ud  # (4, N)
+        beta = (q[c] - products[1]) / sc
+        new_row = products[2] - float(g_c_d @ uc) * beta + g[c, c] * beta
+        self.t += (beta * (products[0] - products[3] + 2.0 * (uc @ gd)) - beta * beta * float(uc @ h)
+                   + beta * new_row - 2.0 * g[c] * beta)
+        if d:  # rank-1 update U -= U_c beta^T in place (BLAS ger on the Fortran-ordered transpose)
+            _ger(-1.0, beta, uc, a=ud.T, overwrite_a=True)
+        self.u[d] = beta
+        self.g_rows[d] = g[c]
+        self.g_dd[d, :d] = g_c_d
+        self.g_dd[:d, d] = g_c_d
+        self.g_dd[d, d] = g[c, c]
+        self.s -= sc * beta * beta
+        self.removed[c] = True
+        self.err += delta
+        self.order[d] = c
+        self.errors[d] = self.err
+        self.d += 1
+        return c
+
+
+_TINY = 1e-300
+
+
+def greedy_removal_order(cov, gram, n_remove: int, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Backward greedy removal (see `BackwardGreedy`), in removal order, with the error after each step.
 
     Returns:
         order: (n_remove,) int64 removal order; errors: (n_remove,) ``err`` after each removal.
     """
-    cov = np.asarray(cov, dtype=np.float64)
-    gram = np.asarray(gram, dtype=np.float64)
-    n = cov.shape[0]
-    if cov.shape != (n, n) or gram.shape != (n, n):
-        raise ValueError("cov and gram must both be (N, N)")
-    n_remove = _check_n_remove(n_remove, n)
-    q = _precision(0.5 * (cov + cov.T), ridge)
-    g = 0.5 * (gram + gram.T)
-    g_diag = np.diag(g).copy()
-    u = np.zeros((n_remove, n))  # rows: A Q_{D,:}
-    gu = np.zeros((n_remove, n))  # rows: G_DD U
-    s = np.diag(q).copy()
-    tiny = 1e-300
-    removed = np.zeros(n, dtype=bool)
-    order = np.zeros(n_remove, dtype=np.int64)
-    errors = np.zeros(n_remove)
-    err = 0.0
-    g_rows = np.zeros((n_remove, n))  # rows: G_{c,:} of the removed channels, in removal order
-    for d in range(n_remove):
-        ud, gud, idx, gd = u[:d], gu[:d], order[:d], g_rows[:d]
-        a_term = np.einsum("dj,dj->j", ud, gud)
-        b_term = np.einsum("dj,dj->j", gd, ud)
-        delta = (a_term - 2.0 * b_term + g_diag) / np.maximum(s, tiny)
-        delta[removed] = np.inf
-        c = int(np.argmin(delta))
-        err += float(delta[c])
-        sc = max(float(s[c]), tiny)
-        beta = (q[c, :] - q[c, idx] @ ud) / sc
-        uc = ud[:, c].copy()
-        guc = gud[:, c].copy()
-        g_cd_u = g[c, idx] @ ud
-        g_cd_uc = float(g[c, idx] @ uc)
-        ud -= uc[:, None] * beta  # rank-1 updates in place
-        gud += (gd[:, c] - guc)[:, None] * beta
-        u[d] = beta
-        gu[d] = g_cd_u - g_cd_uc * beta + g[c, c] * beta
-        g_rows[d] = g[c]
-        s = s - sc * beta * beta
-        removed[c] = True
-        order[d] = c
-        errors[d] = err
-    return order, errors
+    greedy = BackwardGreedy(cov, gram, n_remove, ridge=ridge)
+    for _ in range(greedy.max_remove):
+        greedy.step()
+    return greedy.order, greedy.errors
 
 
 def select_by_expected_error(cov, gram, n_remove: int, ridge: float = 1.0) -> np.ndarray:
@@ -139,53 +183,27 @@ def select_by_expected_error(cov, gram, n_remove: int, ridge: float = 1.0) -> np
     return np.sort(order)
 
 
-def lower_convex_hull(errors: np.ndarray) -> np.ndarray:
-    """Per-step slopes of the lower convex hull of the points ``(k, e(k))``, ``k = 0..K`` with ``e(0) = 0``.
+def allocate_greedily(states, budget: int) -> np.ndarray:
+    """Spend `budget` single-channel removals over several layers, cheapest next removal first.
 
-    Args:
-        errors: (K,) error after removing 1..K channels (need not be convex or monotone).
-
-    Returns:
-        (K,) nondecreasing marginal costs: step k costs ``slope[k-1]``; summing the first k steps gives
-        the hull value at k (<= e(k), equal at the hull's vertices).
-    """
-    e = np.concatenate([[0.0], np.asarray(errors, dtype=np.float64)])
-    hull = [0]
-    for k in range(1, e.size):  # monotone chain; K is at most a few thousand per layer
-        while len(hull) >= 2:
-            i, j = hull[-2], hull[-1]
-            if (e[j] - e[i]) * (k - i) >= (e[k] - e[i]) * (j - i):
-                hull.pop()
-            else:
-                break
-        hull.append(k)
-    vertices = np.asarray(hull)
-    slopes = np.diff(e[vertices]) / np.diff(vertices)
-    return np.repeat(slopes, np.diff(vertices))
-
-
-def allocate_removals(curves, budget: int) -> np.ndarray:
-    """How many channels each layer loses so that the summed error is smallest for `budget` removals.
-
-    Each layer's curve is replaced by its lower convex hull; the `budget` cheapest hull steps over all
-    layers are taken (ties: earlier layer, then earlier step). With convex curves this is the exact
-    minimiser of ``sum_l e_l(k_l)`` subject to ``sum_l k_l = budget`` (a Lagrangian / water-filling
-    argument); otherwise it is exact on the hulls.
-
-    Args:
-        curves: list of (K_l,) arrays, error after removing 1..K_l channels of layer l.
-        budget: total channels to remove, ``0 <= budget <= sum K_l``.
+    states: objects with ``peek() -> (channel, cost)`` (cost of their next removal, inf when exhausted)
+    and ``step()``; a heap keeps the layers ordered by that cost (ties: earlier layer). Each layer
+    advances only as far as its share, so its greedy never runs past it. For layers whose cost
+    curves are convex (increasing marginal costs) this minimises the summed cost for the budget.
 
     Returns:
-        (L,) int64 removals per layer.
+        (L,) int64 removals per layer (less than `budget` in total only if every layer is exhausted).
     """
-    slopes = [lower_convex_hull(c) for c in curves]
-    total = sum(s.size for s in slopes)
-    budget = int(budget)
-    if not 0 <= budget <= total:
-        raise ValueError(f"budget {budget} outside [0, {total}]")
-    if not slopes:
-        return np.zeros(0, dtype=np.int64)
-    layer = np.concatenate([np.full(s.size, i, dtype=np.int64) for i, s in enumerate(slopes)])
-    taken = np.argsort(np.concatenate(slopes), kind="stable")[:budget]
-    return np.bincount(layer[taken], minlength=len(slopes)).astype(np.int64)
+    heap = [(float(state.peek()[1]), i) for i, state in enumerate(states)]
+    heapq.heapify(heap)
+    counts = np.zeros(len(states), dtype=np.int64)
+    for _ in range(int(budget)):
+        if not heap:
+            break
+        cost, i = heapq.heappop(heap)
+        if not np.isfinite(cost):
+            break
+        states[i].step()
+        counts[i] += 1
+        heapq.heappush(heap, (float(states[i].peek()[1]), i))
+    return counts

@@ -2,14 +2,14 @@
 budget is the next lever").
 
 `--prune R` asks for `floor(R * sum_l N_l)` channels removed over all prunable chains. With
-`allocation="global"` each chain l gets its own count k_l: for every chain, the backward greedy
-(expected-error selection) runs up to a cap and records the error after each removal, measured
-relative to the consumer's output variance per output channel
+`allocation="global"` each chain l gets its own count k_l (at most `removal_cap`): every chain runs
+the backward greedy of the expected-error selection on its error relative to the consumer's output
+variance per output channel
 
     e_l(k) = (1 / M) sum_m err_m(D_k) / Var[y_m],   y = V a (consumer output, M channels),
 
-i.e. the noise-to-signal ratio the next BatchNorm sees; then the cheapest steps over all chains are
-taken (`allocate_removals`). Chains without statistics keep the uniform count.
+i.e. the noise-to-signal ratio the next BatchNorm sees, and the budget goes one channel at a time to
+the chain whose next removal raises its e_l least. Chains without statistics keep the uniform count.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..ir.layers import read_layer
-from ..numerics.selection import allocate_removals, greedy_removal_order
+from ..numerics.selection import BackwardGreedy, allocate_greedily
 from ..patterns.chains import Chain
 from .base import PassContext
 
@@ -57,45 +57,42 @@ def normalised_gram(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
     return np.einsum("mnt,m,mkt->nk", v_taps, weight, v_taps, optimize=True)
 
 
-def plan_chain(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[ChainPlan]:
-    """Greedy removal order and relative error curve of `chain`, or None without statistics."""
+def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[BackwardGreedy]:
+    """The backward greedy of `chain` on its relative consumer error, or None without statistics."""
     statistics = ctx.stats.chain_statistics(chain) if ctx.stats is not None else None
     consumer = read_layer(ctx.graph, chain.consumer)
     if statistics is None or consumer is None or max_remove < 1:
         return None
-    n = chain.channels
-    v_taps = consumer.rows.reshape(consumer.rows.shape[0], n, -1).astype(np.float64)
+    v_taps = consumer.rows.reshape(consumer.rows.shape[0], chain.channels, -1).astype(np.float64)
     gram = normalised_gram(v_taps, statistics[1])
-    order, errors = greedy_removal_order(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
-    return ChainPlan(order=order, errors=errors)
+    return BackwardGreedy(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
 
 
 def plan_global_allocation(ctx: PassContext, chains: List[Chain]) -> Dict[int, ChainPlan]:
-    """Plans keyed by `id(chain.consumer)`, each with its `n_remove` set by the global allocation.
+    """Plans keyed by `id(chain.consumer)`, each with its removal order and count.
 
-    Budget: the channels the uniform ratio would remove, `sum_l floor(prune * N_l)`. A budget counted in
-    MACs instead (cost of a channel = its share of producer, depthwise and consumer MACs) was measured and
-    dropped: with this error measure it moves the cuts to the early high-resolution layers and loses to the
-    uniform ratio at equal MACs (MobileNetV2 prune 0.3: 0.26 against 0.31 top-1 at 0.67x MACs).
+    Budget: the channels the uniform ratio would remove, `sum_l floor(prune * N_l)`, spent one channel
+    at a time on the chain whose next greedy removal raises its relative error least (a heap over the
+    chains' greedy states, `allocate_greedily`), so each chain's greedy runs only as far as its own share.
+
+    A budget counted in MACs (cost of a channel = its share of producer, depthwise and consumer MACs)
+    was measured and dropped: with this error measure it moves the cuts to the early high-resolution
+    layers and loses to the uniform ratio at equal MACs (MobileNetV2 prune 0.3: 0.26 against 0.31
+    top-1 at 0.67x MACs).
     """
     prune = ctx.options.prune
     cap = removal_cap(prune)
-    plans: Dict[int, ChainPlan] = {}
-    planned: List[Chain] = []
-    budget = 0.0
+    greedies: Dict[int, BackwardGreedy] = {}
+    budget = 0
     for chain in chains:
         n = chain.channels
-        plan = plan_chain(ctx, chain, min(n - 1, int(np.floor(cap * n))))
-        if plan is None:
-            continue
-        plans[id(chain.consumer)] = plan
-        planned.append(chain)
-        budget += int(np.floor(prune * n))
-    if not plans or budget == 0:
+        greedy = chain_greedy(ctx, chain, min(n - 1, int(np.floor(cap * n))))
+        if greedy is not None:
+            greedies[id(chain.consumer)] = greedy
+            budget += int(np.floor(prune * n))
+    if not greedies or budget == 0:
         return {}
-    curves = [plans[id(c.consumer)].errors for c in planned]
-    counts = allocate_removals(curves, budget)
-    for chain, k in zip(planned, counts):
-        plans[id(chain.consumer)].n_remove = int(k)
-    log.info("global allocation: %d channels over %d chains", budget, len(planned))
-    return plans
+    allocate_greedily(list(greedies.values()), budget)
+    log.info("global allocation: %d channels over %d chains", budget, len(greedies))
+    return {k: ChainPlan(order=g.order[:g.d].copy(), errors=g.errors[:g.d].copy(), n_remove=g.d)
+            for k, g in greedies.items()}

@@ -35,18 +35,20 @@ MAX_POSITIONS_PER_IMAGE = 1024
 
 def pink_noise(shape: Sequence[int], seed: int = 0, exponent: float = 1.0) -> np.ndarray:
     """(B, C, H, W) float32 noise with amplitude spectrum 1/f^exponent, standardised per image and channel."""
+    import scipy.fft
+
     b, c, h, w = shape
     rng = np.random.default_rng(seed)
-    white = rng.standard_normal((b, c, h, w))
+    white = rng.standard_normal((b, c, h, w), dtype=np.float32)
     fy = np.fft.fftfreq(h)[:, None]
     fx = np.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fy ** 2 + fx ** 2)
     f[0, 0] = 1.0 / max(h, w)
-    spectrum = np.fft.rfft2(white) / f ** exponent
-    x = np.fft.irfft2(spectrum, s=(h, w))
+    spectrum = scipy.fft.rfft2(white) * (1.0 / f ** exponent).astype(np.float32)
+    x = scipy.fft.irfft2(spectrum, s=(h, w))
     x -= x.mean(axis=(2, 3), keepdims=True)
     x /= x.std(axis=(2, 3), keepdims=True) + 1e-12
-    return x.astype(np.float32)
+    return x.astype(np.float32, copy=False)
 
 
 def batch_statistics_probe(model: onnx.ModelProto, outputs: List[str], shapes: Dict[str, tuple],
