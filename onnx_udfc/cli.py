@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=ALLOCATIONS, default="global",
                    help="how the channel budget is split over chains: global (where the expected error is lowest; "
                         "needs --select expected-error) or uniform (the same ratio in every chain) (default global)")
+    p.add_argument("--channel-multiple", type=int, default=8, metavar="M",
+                   help="keep a multiple of M channels in every pruned chain (fast blocked kernels); 1 = off (default 8)")
     p.add_argument("--grid", choices=GRIDS, default="asymmetric", help="quantization grid (default asymmetric)")
     p.add_argument("--clip", choices=CLIPS, default="mse", help="range clipping (default mse, input-weighted)")
     p.add_argument("--rounding", choices=ROUNDINGS, default="balanced", help="rounding (default balanced)")
@@ -124,7 +126,7 @@ def _run(args) -> int:
         model, prune=args.prune, bits=args.bits, method=args.method, input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
         statistics=args.statistics, samples=args.samples,
-        select=args.select, allocation=args.allocation, grid=args.grid, clip=args.clip, rounding=args.rounding,
+        select=args.select, allocation=args.allocation, channel_multiple=args.channel_multiple, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)
     t1 = time.perf_counter()

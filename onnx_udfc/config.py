@@ -27,6 +27,8 @@ class Options:
     allocation: how the channel budget `floor(prune * sum N)` is split over chains (`global`: by the
         expected relative error of each chain's consumer, cheapest removals first; `uniform`: the same
         ratio in every chain). Global needs the expected-error selection; with `norm` it is uniform.
+    channel_multiple: kept channel counts are rounded to a multiple of this (or left whole) so the pruned
+        convs keep onnxruntime's blocked kernels; 1 turns it off.
     grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured).
     first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
     ridge: shrinkage of the compensation solve, relative to the mean channel variance.
@@ -44,6 +46,7 @@ class Options:
     method: str = "udfc"
     select: str = "expected-error"
     allocation: str = "global"
+    channel_multiple: int = 8
     grid: str = "asymmetric"
     clip: str = "mse"
     rounding: str = "balanced"
@@ -72,6 +75,8 @@ class Options:
                                      ("statistics", self.statistics, STATISTICS)):
             if value not in allowed:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if not 1 <= int(self.channel_multiple) <= 1024:
+            raise UsageError(f"--channel-multiple must be 1..1024, got {self.channel_multiple}")
         if not 2 <= int(self.samples) <= 4096:
             raise UsageError(f"--samples must be 2..4096, got {self.samples}")
         if self.ridge < 0 or self.selection_ridge < 0:

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from onnx_udfc import compress
-from onnx_udfc.numerics.selection import BackwardGreedy, allocate_greedily, greedy_removal_order
+from onnx_udfc.numerics.selection import BackwardGreedy, aligned_removal, allocate_greedily, greedy_removal_order
 from onnx_udfc.passes.allocate import removal_cap
 
 from builders import ModelBuilder, depthwise_block, plain_chain, random_input, rel_error, run
@@ -61,8 +61,8 @@ def test_backward_greedy_steps_match_the_batch_order():
 @pytest.mark.parametrize("make", [plain_chain, depthwise_block])
 def test_global_allocation_keeps_the_channel_budget(make):
     model = make()
-    _, uniform = compress(model, prune=0.3, allocation="uniform", validate=False)
-    _, glob = compress(model, prune=0.3, allocation="global", validate=False)
+    _, uniform = compress(model, channel_multiple=1, prune=0.3, allocation="uniform", validate=False)
+    _, glob = compress(model, channel_multiple=1, prune=0.3, allocation="global", validate=False)
     removed = lambda r: sum(l["channels_before"] - l["channels_after"] for l in r.layers if "channels_before" in l)  # noqa: E731
     assert removed(glob) == removed(uniform) > 0
     for layer in glob.layers:
@@ -88,9 +88,36 @@ def test_global_allocation_takes_the_redundant_channels_first():
     x = random_input(model)
     errors, removed = {}, {}
     for allocation in ("uniform", "global"):
-        out, report = compress(model, prune=0.25, allocation=allocation, ridge=0.0, validate=False)
+        out, report = compress(model, channel_multiple=1, prune=0.25, allocation=allocation, ridge=0.0, validate=False)
         errors[allocation] = rel_error(run(model, x), run(out, x))
         removed[allocation] = [l["channels_before"] - l["channels_after"] for l in report.layers if "channels_before" in l]
     assert removed["uniform"] == [2, 2]
     assert removed["global"] == [4, 0]
     assert errors["global"] < 1e-4 < errors["uniform"]
+
+
+@pytest.mark.parametrize("n, n_remove, multiple, expected", [
+    (16, 4, 8, 0),  # keep 12: 8 and 16 are equally near, more is kept
+    (16, 5, 8, 8),  # keep 11 -> 8
+    (32, 9, 8, 8),  # keep 23 -> 24
+    (12, 3, 8, 4),  # a width that is no multiple: 8 or all 12
+    (100, 30, 8, 28),  # keep 70 -> 72
+    (10, 3, 1, 3),  # off
+    (64, 60, 8, 56),  # at least one block stays
+])
+def test_aligned_removal(n, n_remove, multiple, expected):
+    assert aligned_removal(n, n_remove, multiple) == expected
+    assert (n - expected) % multiple == 0 or expected == 0
+
+
+def test_aligned_removal_respects_the_cap():
+    assert aligned_removal(64, 40, 8, max_remove=40) == 40  # keep 24
+    assert aligned_removal(64, 37, 16, max_remove=40) == 32  # keep 27 -> 32 (16 would remove 48 > cap)
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_pruned_widths_are_multiples_of_the_channel_multiple(allocation):
+    model = depthwise_block()  # 48 expanded channels
+    _, report = compress(model, prune=0.3, allocation=allocation, channel_multiple=8, validate=False)
+    pruned = [l for l in report.layers if l.get("channels_after", 0) < l.get("channels_before", 0)]
+    assert pruned and all(l["channels_after"] % 8 == 0 for l in pruned)

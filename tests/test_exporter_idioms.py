@@ -85,7 +85,7 @@ def test_spelled_activation_is_one_stage_of_the_chain(spell, kind):
     assert len(chains) == 1, [r.reason for r in rejections]
     assert chains[0].first.activation.kind == kind
     # the twin channel is absorbed exactly by its copy: the surgery is what the graph computes
-    out, report = compress(model, prune=0.125, bits=32, method="merge")
+    out, report = compress(model, channel_multiple=1, prune=0.125, bits=32, method="merge")
     onnx.checker.check_model(out, full_check=True)
     record = next(l for l in report.layers if l.get("chain"))
     assert record["channels_after"] == 7 and record["pruned"] in ([2], [5])
@@ -142,7 +142,7 @@ def se_block(gate_first=True):
 
 def test_squeeze_excitation_is_rejected_with_a_clear_reason_and_still_quantized():
     model = se_block()
-    out, report = compress(model, prune=0.5, bits=8)
+    out, report = compress(model, channel_multiple=1, prune=0.5, bits=8)
     producer = report.layers[0]
     assert any("squeeze-excitation" in s for s in producer.get("skipped", [])), producer
     assert producer.get("channels_after", 8) == 8
@@ -200,7 +200,7 @@ def test_mul_add_after_a_conv_fold_into_it_exactly():
     onnx.checker.check_model(folded, full_check=True)
     x = random_input(model)
     assert rel_error(run(model, x), run(folded, x)) < 1e-6
-    out, report = compress(model, prune=0.25, bits=8)
+    out, report = compress(model, channel_multiple=1, prune=0.25, bits=8)
     assert report.layers[0]["channels_after"] == 6
     assert rel_error(run(model, x), run(out, x)) < 0.5
 
@@ -231,7 +231,7 @@ def test_resize_by_scales_is_channel_preserving_but_sizes_are_not():
     chains, _ = chains_of(resize_model())
     assert len(chains) == 1 and [p.op_type for p in chains[0].first.pools] == ["Resize"]
     model = resize_model()
-    out, report = compress(model, prune=0.25, bits=8)
+    out, report = compress(model, channel_multiple=1, prune=0.25, bits=8)
     onnx.checker.check_model(out, full_check=True)
     assert report.layers[0]["channels_after"] == 6
     chains, rejections = chains_of(resize_model(sizes=True))
@@ -257,7 +257,7 @@ def test_dynamic_height_and_width_need_and_accept_input_shapes():
     from onnx_udfc.errors import UsageError
     with pytest.raises(UsageError, match="--input-shape"):
         compress(model, bits=8)
-    out, report = compress(model, prune=0.125, bits=8, input_shapes={"input": (1, 3, 12, 20)})
+    out, report = compress(model, channel_multiple=1, prune=0.125, bits=8, input_shapes={"input": (1, 3, 12, 20)})
     onnx.checker.check_model(out, full_check=True)
     assert report.validation["outputs"]
     # the output keeps its dynamic spatial axes

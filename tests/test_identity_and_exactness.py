@@ -38,7 +38,7 @@ def test_multiple_of_kept_channel_is_reconstructed_exactly(method):
     model = duplicate_channel_model()
     kw = {"ridge": 0.0} if method == "udfc" else {}
     # prune 1 of 8 channels; the expected-error selection must pick the redundant one (or its twin)
-    out, report = compress(model, prune=0.125, bits=32, method=method, select="expected-error", **kw)
+    out, report = compress(model, channel_multiple=1, prune=0.125, bits=32, method=method, select="expected-error", **kw)
     pruned = report.layers[0]["pruned"]
     assert pruned in ([5], [2]), pruned
     x = random_input(model)
@@ -47,6 +47,6 @@ def test_multiple_of_kept_channel_is_reconstructed_exactly(method):
 
 def test_none_is_not_exact_on_the_same_case():
     model = duplicate_channel_model()
-    out, _ = compress(model, prune=0.125, bits=32, method="none", select="norm")
+    out, _ = compress(model, channel_multiple=1, prune=0.125, bits=32, method="none", select="norm")
     x = random_input(model)
     assert rel_error(run(model, x), run(out, x)) > 1e-2

@@ -19,7 +19,7 @@ def test_external_data_round_trip(tmp_path):
     onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="ext.onnx.data", size_threshold=0)
     loaded = load_model(str(src))
-    out, _ = compress(loaded, prune=0.3, bits=8)
+    out, _ = compress(loaded, channel_multiple=1, prune=0.3, bits=8)
     dst = tmp_path / "out.onnx"
     save_model(out, str(dst), external_data=True)
     assert (tmp_path / "out.onnx.data").exists()
@@ -43,7 +43,7 @@ def test_constant_node_weights_and_initializer_inputs():
     w = next(t for t in g.initializer if t.name == gemm.input[1])
     g.input.append(helper.make_tensor_value_info(w.name, onnx.TensorProto.FLOAT, list(w.dims)))
     onnx.checker.check_model(model)
-    out, report = compress(model, prune=0.3, bits=6)
+    out, report = compress(model, channel_multiple=1, prune=0.3, bits=6)
     onnx.checker.check_model(out, full_check=True)
     assert report.layers[0]["channels_after"] < report.layers[0]["channels_before"] == 16  # pruned
     assert [i.name for i in out.graph.input] == ["input"]
@@ -82,7 +82,7 @@ def test_float16_and_quantized_models_are_refused():
 def test_input_model_object_is_not_modified():
     model = plain_chain()
     before = model.SerializeToString()
-    compress(model, prune=0.5, bits=4)
+    compress(model, channel_multiple=1, prune=0.5, bits=4)
     assert model.SerializeToString() == before
 
 
@@ -94,7 +94,7 @@ def test_identity_linked_weights_are_constants():
     g.node.insert(0, helper.make_node("Identity", [conv.input[1]], ["w_alias"], name="alias"))
     conv.input[1] = "w_alias"
     onnx.checker.check_model(model)
-    out, report = compress(model, prune=0.3, bits=6)
+    out, report = compress(model, channel_multiple=1, prune=0.3, bits=6)
     assert report.layers[1]["channels_after"] < report.layers[1]["channels_before"] == 32  # pruned
     x = random_input(model)
     assert rel_error(run(model, x), run(out, x)) < 0.35

@@ -8,7 +8,7 @@ from onnx_udfc import compress
 
 
 def reasons(model, **kw):
-    _, report = compress(model, prune=0.5, bits=32, validate=True, **kw)
+    _, report = compress(model, channel_multiple=1, prune=0.5, bits=32, validate=True, **kw)
     convs = [" | ".join(l.get("skipped", [])) for l in report.layers if l["op"] == "Conv"]
     return convs, report
 
@@ -79,7 +79,7 @@ def test_ratio_that_removes_nothing_is_reported():
     b = ModelBuilder((1, 3, 8, 8))
     x = b.relu(b.conv("input", 3))
     model = b.build(b.conv(x, 4))
-    _, report = compress(model, prune=0.2, bits=32)
+    _, report = compress(model, channel_multiple=1, prune=0.2, bits=32)
     first = report.layers[0]
     assert first["channels_after"] == 3 and "removes no channel" in first["skipped"][0]
 

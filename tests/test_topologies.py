@@ -20,8 +20,10 @@ def weight_shapes(model):
 
 
 def compress_and_check(model, **kw):
-    """Compress (uniform allocation unless asked: these tests check each chain's floor(R * N)), check, compare."""
+    """Compress (uniform allocation and no channel alignment unless asked: these tests check each chain's
+    floor(R * N)), check, compare."""
     kw.setdefault("allocation", "uniform")
+    kw.setdefault("channel_multiple", 1)
     out, report = compress(model, **kw)
     onnx.checker.check_model(out, full_check=True)
     x = random_input(model)
@@ -151,7 +153,7 @@ def test_opset_11_and_newest(opset):
 
 def test_residual_coupled_group_is_reported():
     model = residual_block()
-    _, report = compress(model, prune=0.3, bits=32, validate=False)
+    _, report = compress(model, prune=0.3, bits=32, validate=False, allocation="uniform", channel_multiple=1)
     assert len(report.coupled_groups) == 1
     names = {n.name for n in model.graph.node if n.op_type == "Conv"}
     group = report.coupled_groups[0]

@@ -17,7 +17,7 @@ import scipy.linalg
 from scipy.linalg.blas import dger as _ger
 
 __all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "BackwardGreedy",
-           "allocate_greedily"]
+           "allocate_greedily", "aligned_removal"]
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,23 @@ def select_by_expected_error(cov, gram, n_remove: int, ridge: float = 1.0) -> np
     if n_remove:
         log.debug("select_by_expected_error: removed %d, expected error %.4g", n_remove, errors[-1])
     return np.sort(order)
+
+
+def aligned_removal(n: int, n_remove: int, multiple: int, max_remove: int = None) -> int:
+    """The removal count nearest to `n_remove` that leaves a multiple of `multiple` channels.
+
+    Kept counts allowed: N itself, or a positive multiple of `multiple` below N (vectorised conv kernels
+    in onnxruntime and TensorRT want channel counts in blocks of 8 or 16; other widths fall back to slower
+    kernels). Ties keep more channels; `max_remove` (default N - 1) bounds the result. `multiple` 1 is off.
+    """
+    n, n_remove, multiple = int(n), int(n_remove), max(int(multiple), 1)
+    max_remove = n - 1 if max_remove is None else min(int(max_remove), n - 1)
+    if multiple == 1 or n_remove <= 0:
+        return max(min(n_remove, max_remove), 0)
+    keep = n - n_remove
+    options = [n] + [m for m in range(multiple, n, multiple) if n - m <= max_remove]
+    best = min(options, key=lambda m: (abs(m - keep), -m))
+    return n - best
 
 
 def allocate_greedily(states, budget: int) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..ir.layers import read_layer
-from ..numerics.selection import BackwardGreedy, allocate_greedily
+from ..numerics.selection import BackwardGreedy, aligned_removal, allocate_greedily
 from ..patterns.chains import Chain
 from .base import PassContext
 
@@ -68,6 +68,15 @@ def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[Ba
     return BackwardGreedy(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
 
 
+def _aligned_plan(greedy: BackwardGreedy, multiple: int) -> ChainPlan:
+    """The chain's plan with its removal rounded to leave a multiple of `multiple` channels
+    (`aligned_removal`): more greedy steps when rounding up, a shorter prefix when rounding down."""
+    target = aligned_removal(greedy.n, greedy.d, multiple, max_remove=greedy.max_remove)
+    while greedy.d < target:
+        greedy.step()
+    return ChainPlan(order=greedy.order[:target].copy(), errors=greedy.errors[:target].copy(), n_remove=target)
+
+
 def plan_global_allocation(ctx: PassContext, chains: List[Chain]) -> Dict[int, ChainPlan]:
     """Plans keyed by `id(chain.consumer)`, each with its removal order and count.
 
@@ -94,5 +103,4 @@ def plan_global_allocation(ctx: PassContext, chains: List[Chain]) -> Dict[int, C
         return {}
     allocate_greedily(list(greedies.values()), budget)
     log.info("global allocation: %d channels over %d chains", budget, len(greedies))
-    return {k: ChainPlan(order=g.order[:g.d].copy(), errors=g.errors[:g.d].copy(), n_remove=g.d)
-            for k, g in greedies.items()}
+    return {k: _aligned_plan(g, ctx.options.channel_multiple) for k, g in greedies.items()}

@@ -22,7 +22,7 @@ from ..ir.graph import set_attr
 from ..ir.layers import read_layer, write_layer
 from ..numerics.compensation import (apply_compensation, mean_compensation, neuron_merging,
                                      solve_affine_compensation)
-from ..numerics.selection import select_by_expected_error, select_by_norm
+from ..numerics.selection import aligned_removal, select_by_expected_error, select_by_norm
 from ..patterns.chains import Chain
 from .base import PassContext
 
@@ -44,7 +44,10 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     graph, options = ctx.graph, ctx.options
     record = ctx.layer(chain.producer)
     n = chain.channels
-    n_remove = int(np.floor(options.prune * n)) if plan is None else plan.n_remove
+    if plan is None:
+        n_remove = aligned_removal(n, int(np.floor(options.prune * n)), options.channel_multiple)
+    else:
+        n_remove = plan.n_remove
     record.update(channels_before=n, channels_after=n, consumer=chain.consumer.name or chain.consumer.output[0])
     if chain.depthwise is not None:
         record["through_depthwise"] = chain.depthwise.name or chain.depthwise.output[0]
