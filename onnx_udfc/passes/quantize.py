@@ -1,20 +1,33 @@
 """Weight fake-quantization of one linear layer, per output channel, with bias correction.
 
     W~ = Q(W)                          per output channel, grid from QuantSpec (asymmetric by default)
-    clip: argmin_alpha sum_{c,t} v_c (W - Q_alpha(W))^2   v_c = Var[x_c] (1 for grouped convs)
+    clip: argmin_alpha sum_{c,t} v_c (W - Q_alpha(W))^2   v_c = Var[x_c] (1 for grouped convs;
+                                                         E[x_c^2] without bias correction)
     b' = b + sum_{c,t} (W - W~)[o, c, t] E[x_c]          (bias correction: the expected output shift)
 
 The input moments (E[x_c], Var[x_c]) come from the statistics model; without them the clipping is
 unweighted and there is no bias correction (the report says so). The per-channel noise variance
 `sum_c v_c sum_{t,t'} dW[o,c,t] dW[o,c,t'] rho^|t-t'|` is kept for the joint compensation of the consumer.
+
+ConvTranspose (rows (Cout, Cin/g, kh, kw), see `ir.layers`): an output pixel sees only the taps of its
+stride phase, about prod(kernel)/prod(strides) of them, so summing the shift over every tap would
+over-correct about prod(strides) times. The bias is one number per channel: the best one removes the
+shift averaged over the output pixels,
+
+    b' = b + sum_{c,t} cov_t (W - W~)[o, c, t] E[x_c]
+
+with `cov_t` the fraction of output pixels tap t writes to (`ir.layers.tap_coverage`: ~1/prod(strides),
+exact with pads, output_padding and borders when the shapes are known). The noise variance is the
+phase-averaged one of `stats.propagate.transposed_linear_moments`.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..ir.layers import read_layer, write_layer
+from ..ir.graph import attr
+from ..ir.layers import read_layer, tap_coverage, write_layer
 from ..numerics.quantize import QuantSpec, bias_correction, fake_quantize
-from ..stats.propagate import linear_moments
+from ..stats.propagate import linear_moments, transposed_linear_moments
 from .base import PassContext
 
 
@@ -40,17 +53,49 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         moments = None
     tap_weight = None
     if moments is not None and not grouped:
-        tap_weight = np.maximum(moments[1], 1e-12).reshape((c,) + (1,) * (rows.ndim - 2))
+        tap_weight = np.maximum(_error_weight(moments, ctx.options.bias_correction), 1e-12)
+        tap_weight = tap_weight.reshape((c,) + (1,) * (rows.ndim - 2))
     wq, _, _ = fake_quantize(rows, quant_spec(ctx.options, bits), tap_weight=tap_weight)
     bias = layer.bias
+    coverage = _tap_coverage(ctx, node, rows) if node.op_type == "ConvTranspose" else None
     if ctx.options.bias_correction and moments is not None:
-        delta = bias_correction(rows, wq, moments[0], group=layer.group)
+        weight = 1.0 if coverage is None else coverage
+        delta = bias_correction(rows * weight, wq * weight, moments[0], group=layer.group)
         bias = (np.zeros(n) if bias is None else bias) + delta
         record["bias_correction"] = True
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
     var_in = moments[1] if moments is not None else np.ones(c * layer.group)
     dw = np.asarray(rows, np.float64) - wq
-    ctx.quant_noise[node.output[0]] = linear_moments(dw, None, np.zeros_like(var_in), var_in, group=layer.group)[1]
+    ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
     write_layer(graph, layer, wq, bias)
     record["bits"] = bits
+
+
+def _error_weight(moments, bias_corrected: bool) -> np.ndarray:
+    """(C,) weight of input channel c in the clipping error: the output error is `sum_c dW_c x_c`, whose
+    mean `sum_c dW_c E[x_c]` the bias correction removes; what is left weighs `Var[x_c]`. Without the
+    correction the mean stays too and the weight is `E[x_c^2] = Var[x_c] + E[x_c]^2`."""
+    mean, var = (np.asarray(m, np.float64) for m in moments)
+    return var if bias_corrected else var + mean ** 2
+
+
+def _tap_coverage(ctx: PassContext, node, rows: np.ndarray) -> np.ndarray:
+    """(kh, kw, ...) fraction of output pixels each ConvTranspose tap reaches (shapes from the context)."""
+    return tap_coverage(node, rows.shape[2:], ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0]))
+
+
+def _noise_variance(node, dw: np.ndarray, var_in: np.ndarray, group: int, coverage) -> np.ndarray:
+    """(N,) variance of the output error `(W - W~) * x` for zero-mean inputs of variance `var_in`."""
+    zeros = np.zeros_like(var_in)
+    if node.op_type != "ConvTranspose":
+        return linear_moments(dw, None, zeros, var_in, group=group)[1]
+    if dw.ndim == 4:
+        return transposed_linear_moments(dw, None, zeros, var_in, group=group,
+                                         strides=attr(node, "strides", None) or (1, 1),
+                                         dilations=attr(node, "dilations", None) or (1, 1), coverage=coverage)[1]
+    # 1-D / 3-D kernels: spatially white inputs, sum_c v_c sum_t cov_t dW[o,c,t]^2
+    n, cg = dw.shape[:2]
+    per_in = (dw.reshape(n, cg, -1) ** 2 * np.asarray(coverage, np.float64).reshape(1, 1, -1)).sum(axis=2)
+    in_index = (np.arange(n) // (n // group))[:, None] * cg + np.arange(cg)[None, :]
+    return (per_in * var_in[in_index]).sum(axis=1)

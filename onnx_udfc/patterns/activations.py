@@ -471,3 +471,7 @@ def pointwise_source(graph: Graph, node: onnx.NodeProto) -> Optional[str]:
     if node.input and single_input_step(graph, node, node.input[0]) is not None:
         return node.input[0]
     return None
+
+
+#: public name of `_gated_product`, for code that follows runs tensor by tensor (moment propagation)
+gated_product = _gated_product

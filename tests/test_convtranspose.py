@@ -1,0 +1,191 @@
+"""ConvTranspose layers: weight layout as rows, quantization, tap coverage and bias correction."""
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu, random_input, rel_error, run
+from onnx_udfc import compress
+from onnx_udfc.ir.graph import Graph
+from onnx_udfc.ir.layers import read_layer, tap_coverage, write_layer
+from onnx_udfc.ir.shapes import infer_static_shapes
+from onnx_udfc.numerics.quantize import bias_correction
+from onnx_udfc.stats.propagate import transposed_linear_moments
+
+
+def conv_transpose(b: ModelBuilder, x, cout, k=4, stride=2, pad=1, group=1, output_padding=0, bias=True,
+                   weight=None) -> str:
+    """Append ConvTranspose (weight (Cin, Cout/g, k, k)) to the builder; output size
+    `s (H - 1) + output_padding + k - 2 pad`."""
+    n, cin, h, w = b.shapes[x]
+    wt = weight if weight is not None else (b.rng.standard_normal((cin, cout // group, k, k))
+                                            * np.sqrt(2.0 / (cin // group * k * k / stride ** 2)))
+    inputs = [x, b.const(wt.astype(np.float32), "wt")]
+    if bias:
+        inputs.append(b.const((b.rng.standard_normal(cout) * 0.1).astype(np.float32), "bt"))
+    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
+    if output_padding:
+        attrs["output_padding"] = [output_padding] * 2
+    y = b.node("ConvTranspose", inputs, "convt", **attrs)
+    size = lambda d: stride * (d - 1) + output_padding + k - 2 * pad  # noqa: E731
+    b.shapes[y] = (n, cout, size(h), size(w))
+    return y
+
+
+def conv_then_transpose(group=1, seed=0, output_padding=0, k=4) -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> ConvTranspose (stride 2): the transposed conv reads non-zero-mean channels."""
+    b = ModelBuilder((1, 3, 12, 12), seed=seed)
+    x = conv_bn_relu(b, "input", 8)
+    y = conv_transpose(b, x, 6, k=k, group=group, output_padding=output_padding, pad=1)
+    return calibrate_batchnorm(b.build(y))
+
+
+def transpose_node(model):
+    return next(n for n in model.graph.node if n.op_type == "ConvTranspose")
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_rows_are_per_output_channel_and_write_back_restores_the_layout(group):
+    model = conv_then_transpose(group=group)
+    graph = Graph(model)
+    node = transpose_node(model)
+    w = graph.constant(node.input[1]).copy()  # (Cin, Cout/g, k, k)
+    layer = read_layer(graph, node)
+    cin, cog = w.shape[:2]
+    assert layer.rows.shape == (cog * group, cin // group) + w.shape[2:]
+    assert layer.group == group
+    for o in range(cog * group):
+        gi, oo = divmod(o, cog)
+        np.testing.assert_array_equal(layer.rows[o], w[gi * (cin // group):(gi + 1) * (cin // group), oo])
+    x = random_input(model, batch=2)
+    before = run(model, x)
+    # scaling row o must scale output channel o (bias removed) and nothing else
+    factors = np.arange(1, layer.out_channels + 1, dtype=np.float64)
+    write_layer(graph, layer, layer.rows * factors[:, None, None, None], np.zeros(layer.out_channels))
+    after = run(model, x)
+    nobias = before - layer.bias.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(after, nobias * factors.reshape(1, -1, 1, 1), rtol=1e-4, atol=1e-4)
+    write_layer(graph, read_layer(graph, node), read_layer(graph, node).rows / factors[:, None, None, None], None)
+    np.testing.assert_allclose(graph.constant(node.input[1]), w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k,stride,pad,output_padding", [(4, 2, 1, 0), (3, 2, 1, 1), (3, 3, 0, 0), (5, 2, 2, 1)])
+def test_tap_coverage_is_the_fraction_of_output_pixels_each_tap_reaches(k, stride, pad, output_padding):
+    """With an all-ones input and a kernel with one tap, the output mean is that tap's coverage."""
+    b = ModelBuilder((1, 1, 7, 9), seed=0)
+    weight = np.zeros((1, 1, k, k))
+    y = conv_transpose(b, "input", 1, k=k, stride=stride, pad=pad, output_padding=output_padding, bias=False,
+                       weight=weight)
+    model = b.build(y)
+    node = transpose_node(model)
+    shapes = infer_static_shapes(model, {"input": (1, 1, 7, 9)})
+    coverage = tap_coverage(node, (k, k), shapes[node.input[0]], shapes[node.output[0]])
+    graph = Graph(model)
+    layer = read_layer(graph, node)
+    measured = np.zeros((k, k))
+    for ty in range(k):
+        for tx in range(k):
+            one_hot = np.zeros((1, 1, k, k))
+            one_hot[0, 0, ty, tx] = 1.0
+            write_layer(graph, layer, one_hot, None)
+            measured[ty, tx] = run(model, np.ones((1, 1, 7, 9), np.float32)).mean()
+    np.testing.assert_allclose(coverage, measured, atol=1e-6)
+    # on average an output pixel sees about prod(kernel) / prod(strides) taps
+    assert coverage.sum() == pytest.approx(k * k / stride ** 2, rel=0.35)
+
+
+def test_transposed_moments_match_sampled_outputs():
+    """Independent inputs N(mu_c, v_c) per pixel (rho = 0): phase-averaged moments of the output."""
+    rng = np.random.default_rng(3)
+    b = ModelBuilder((1, 4, 24, 24), seed=1)
+    y = conv_transpose(b, "input", 6, k=3, stride=2, pad=1, output_padding=1, group=2)
+    model = b.build(y)
+    node = transpose_node(model)
+    graph = Graph(model)
+    layer = read_layer(graph, node)
+    mu, sd = rng.normal(0.5, 0.5, 4), rng.uniform(0.5, 1.5, 4)
+    x = (mu.reshape(1, -1, 1, 1) + sd.reshape(1, -1, 1, 1) * rng.standard_normal((64, 4, 24, 24))).astype(np.float32)
+    out = run(model, x)
+    shapes = infer_static_shapes(model, {"input": (1, 4, 24, 24)})
+    coverage = tap_coverage(node, (3, 3), shapes[node.input[0]], shapes[node.output[0]])
+    mean, var = transposed_linear_moments(layer.rows, layer.bias, mu, sd ** 2, group=2, strides=(2, 2),
+                                          coverage=coverage, rho=0.0)
+    real_mean, real_var = out.mean(axis=(0, 2, 3)), out.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(mean, real_mean, atol=0.02 * np.sqrt(real_var).max())
+    np.testing.assert_allclose(var, real_var, rtol=0.08)
+
+
+@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convtranspose_is_quantized_per_output_channel(group, bits):
+    model = conv_then_transpose(group=group, seed=group)
+    out, report = compress(model, bits=bits, first_last_bits=None, validate=False)
+    onnx.checker.check_model(out)
+    record = next(r for r in report.layers if r["op"] == "ConvTranspose")
+    assert record["bits"] == bits and record.get("bias_correction")
+    assert record["weights"] == Graph(model).constant(transpose_node(model).input[1]).size
+    layer = read_layer(Graph(out), transpose_node(out))
+    original = read_layer(Graph(model), transpose_node(model))
+    assert not np.array_equal(layer.rows, original.rows)
+    for row in layer.rows.reshape(layer.out_channels, -1).astype(np.float64):
+        levels = np.unique(row)
+        assert len(levels) <= 2 ** bits
+        steps = np.diff(levels)
+        ratio = steps / steps.min()
+        np.testing.assert_allclose(ratio, np.round(ratio), atol=1e-3)  # on one uniform grid
+    x = random_input(model, batch=8)
+    error = rel_error(run(model, x), run(out, x))
+    if bits == 8:
+        assert error < 0.02
+    else:
+        assert error < 0.3
+
+
+@pytest.mark.parametrize("group,output_padding,k", [(1, 0, 4), (2, 1, 3)])
+def test_bias_correction_reduces_the_mean_output_shift(group, output_padding, k):
+    """At 4 bits the per-channel mean output shift shrinks with the coverage-scaled correction, and the
+    correction summed over every tap (no coverage) would overshoot."""
+    model = conv_then_transpose(group=group, seed=4 + group, output_padding=output_padding, k=k)
+    x = random_input(model, batch=32, seed=9)
+    ref = run(model, x)
+
+    def shift(m):
+        return np.linalg.norm((run(m, x) - ref).mean(axis=(0, 2, 3)))
+
+    options = dict(bits=4, first_last_bits=None, validate=False, rounding="nearest")
+    corrected, _ = compress(model, bias_correction=True, **options)
+    plain, _ = compress(model, bias_correction=False, **options)
+    # the same quantized weights with the correction summed over every tap (what a Conv gets)
+    node = transpose_node(plain)
+    graph = Graph(plain)
+    layer = read_layer(graph, node)
+    original = read_layer(Graph(model), transpose_node(model))
+    conv_out = next(n for n in model.graph.node if n.op_type == "Relu").output[0]
+    mean_in = run_tensor_mean(model, x, conv_out)
+    naive = onnx.ModelProto()
+    naive.CopyFrom(plain)
+    graph = Graph(naive)
+    delta = bias_correction(original.rows, layer.rows, mean_in, group=group)
+    write_layer(graph, read_layer(graph, transpose_node(naive)), layer.rows, layer.bias + delta)
+    assert shift(corrected) < 0.5 * shift(plain)
+    assert shift(corrected) < shift(naive)
+
+
+def run_tensor_mean(model, x, tensor) -> np.ndarray:
+    """Per-channel mean of an intermediate tensor on x."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    return run(probe, x).mean(axis=(0, 2, 3)).astype(np.float64)
+
+
+def test_convtranspose_is_never_part_of_a_pruning_chain():
+    model = conv_then_transpose(group=1, seed=7)
+    out, report = compress(model, prune=0.5, bits=8, validate=False)
+    conv = next(r for r in report.layers if r["op"] == "Conv")
+    assert conv.get("channels_after", 8) == 8
+    assert any("ConvTranspose" in s for s in conv.get("skipped", []))
+    transposed = next(r for r in report.layers if r["op"] == "ConvTranspose")
+    assert "channels_after" not in transposed
+    assert read_layer(Graph(out), transpose_node(out)).rows.shape == read_layer(Graph(model), transpose_node(model)).rows.shape
