@@ -34,6 +34,9 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
+#: constants up to this size are kept as numpy arrays between reads
+CACHED_BYTES = 1 << 22
+
 class Graph:
     """Use-def view of `model.graph` with constant access and safe weight edits.
 
@@ -114,7 +117,7 @@ class Graph:
     def constant(self, tensor: str) -> Optional[np.ndarray]:
         """Array value of an initializer or `Constant` node output, or None if `tensor` is not constant.
 
-        Arrays are cached and must be treated as read-only; write with `set_weight`.
+        Arrays up to `CACHED_BYTES` are cached; all are read-only; write with `set_weight`.
         """
         if not tensor:
             return None
@@ -144,7 +147,8 @@ class Graph:
                 return None
             arr = self.constant(node.input[0]).copy()
         arr.setflags(write=False)
-        self._arrays[tensor] = arr
+        if arr.nbytes <= CACHED_BYTES:  # large weights are re-read when needed: memory stays near the model's size
+            self._arrays[tensor] = arr
         return arr
 
     def reduces_spatial_axes(self, node: onnx.NodeProto) -> bool:

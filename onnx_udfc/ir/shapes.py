@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 
@@ -90,8 +91,7 @@ def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) 
 
     Returns only fully static shapes; tensors whose shape stays unknown are absent.
     """
-    m = onnx.ModelProto()
-    m.CopyFrom(model) if model.ByteSize() < 1_500_000_000 else _copy_without_weights(model, m)
+    m = weightless_copy(model)
     del m.graph.value_info[:]
     for inp in m.graph.input:
         if inp.name in input_shapes:
@@ -157,13 +157,32 @@ def _shapes_from_a_run(model: onnx.ModelProto, input_shapes: Dict[str, Shape], n
     return {n: tuple(int(d) for d in v.shape) for n, v in zip(names, values)}
 
 
-def _copy_without_weights(model: onnx.ModelProto, dest: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of `model` whose initializers keep dims and type but no data (for shape inference)."""
-    dest.CopyFrom(model)
-    for t in dest.graph.initializer:
-        t.ClearField("raw_data")
-        for f in ("float_data", "int32_data", "int64_data", "double_data"):
-            t.ClearField(f)
+#: initializers up to this many elements keep their values in `weightless_copy` (shape tensors, scalars)
+SMALL_TENSOR = 1024
+
+
+def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` for shape inference: large initializers keep name, type and dims but no data.
+
+    Built field by field so the weights are never copied (a full `CopyFrom` of a 100 MB model costs
+    100 MB more at peak, and shape inference serialises its input once again).
+    """
+    dest = onnx.ModelProto(ir_version=model.ir_version, producer_name=model.producer_name,
+                           producer_version=model.producer_version, domain=model.domain,
+                           model_version=model.model_version)
+    dest.opset_import.extend(model.opset_import)
+    dest.functions.extend(model.functions)
+    g, src = dest.graph, model.graph
+    g.name = src.name
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    for t in src.initializer:
+        if int(np.prod(t.dims)) <= SMALL_TENSOR:
+            g.initializer.add().CopyFrom(t)
+        else:
+            g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
     return dest
 
 
@@ -171,7 +190,7 @@ def refresh_value_info(model: onnx.ModelProto) -> None:
     """Drop stale `value_info` and output shapes and re-infer them (in place, symbolic dims kept)."""
     del model.graph.value_info[:]
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(weightless_copy(model))
         model.graph.value_info.extend(inferred.graph.value_info)
     except Exception as exc:
         log.warning("shape inference failed after compression: %s", str(exc).splitlines()[0])
