@@ -60,8 +60,18 @@ def load_rows(results_dir: str) -> List[dict]:
                 continue
             key = (row["model"], row["method"], float(row["prune"]), int(row["bits"]), row.get("select", ""),
                    json.dumps(row.get("options", {}), sort_keys=True))
-            seen.setdefault(key, dict(row, dataset=dataset_of(path), source=os.path.basename(path)))
+            seen.setdefault(key, dict(row, dataset=dataset_of(path), source=os.path.basename(path),
+                                      method=series_name(row)))
     return list(seen.values())
+
+
+def series_name(row: dict) -> str:
+    """The method, with the options that differ from the defaults: 'udfc', 'udfc allocation=uniform'."""
+    options = dict(row.get("options") or {})
+    if row.get("select") and row["select"] != "expected-error":
+        options["select"] = row["select"]
+    extra = " ".join(f"{k}={v}" for k, v in sorted(options.items()))
+    return f"{row['method']} {extra}".strip()
 
 
 def setting_label(row: dict) -> str:

@@ -8,19 +8,19 @@ import pytest
 
 from onnx_udfc import compress
 from onnx_udfc.numerics.selection import BackwardGreedy, aligned_removal, allocate_greedily, greedy_removal_order
-from onnx_udfc.passes.allocate import removal_cap
+from onnx_udfc.passes.allocate import AlignedSteps, effective_multiple, removal_cap
 
 from builders import ModelBuilder, depthwise_block, plain_chain, random_input, rel_error, run
 
 
 class CurveState:
-    """A layer whose k-th removal costs marginal[k] (the peek/step protocol of BackwardGreedy)."""
+    """A layer whose k-th removal costs marginal[k] (the peek/step protocol of `allocate_greedily`)."""
 
     def __init__(self, marginal):
         self.marginal, self.k = list(marginal), 0
 
     def peek(self):
-        return (self.k, self.marginal[self.k]) if self.k < len(self.marginal) else (-1, np.inf)
+        return (1, self.marginal[self.k]) if self.k < len(self.marginal) else (1, np.inf)
 
     def step(self):
         self.k += 1
@@ -120,4 +120,33 @@ def test_pruned_widths_are_multiples_of_the_channel_multiple(allocation):
     model = depthwise_block()  # 48 expanded channels
     _, report = compress(model, prune=0.3, allocation=allocation, channel_multiple=8, validate=False)
     pruned = [l for l in report.layers if l.get("channels_after", 0) < l.get("channels_before", 0)]
-    assert pruned and all(l["channels_after"] % 8 == 0 for l in pruned)
+    wide = [l for l in pruned if l["channels_before"] >= 32]  # narrower chains are pruned channel by channel
+    assert wide and all(l["channels_after"] % 8 == 0 for l in wide)
+
+
+def test_aligned_steps_keep_multiples_and_price_per_channel():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((44, 10))
+    cov, v = a @ a.T + 0.1 * np.eye(44), rng.standard_normal((5, 44))
+    steps = AlignedSteps(BackwardGreedy(cov, v.T @ v, 30, ridge=0.1), multiple=8)
+    size, cost = steps.peek()
+    assert size == 4  # 44 -> 40 first
+    assert cost == pytest.approx(steps.greedy.errors[3] / 4)
+    steps.step()
+    for _ in range(3):  # 40 -> 32 -> 24 -> 16
+        assert steps.peek()[0] == 8 and np.isfinite(steps.peek()[1])
+        steps.step()
+    assert steps.peek()[1] == np.inf  # 16 -> 8 would remove 36 > 30
+    assert steps.plan().n_remove == 28
+
+
+def test_small_layers_are_not_forced_past_their_share():
+    """16-channel layers are not cut to 8 by rounding: chains under 4 blocks go channel by channel."""
+    model = plain_chain()  # 16, 32, 32 channels
+    _, report = compress(model, prune=0.3, channel_multiple=8, validate=False)
+    layers = [l for l in report.layers if "channels_before" in l]
+    assert all(l["channels_after"] % 8 == 0 for l in layers if l["channels_before"] >= 32)
+    assert effective_multiple(16, 8) == 1 and effective_multiple(32, 8) == 8
+    removed = sum(l["channels_before"] - l["channels_after"] for l in layers)
+    budget = sum(int(0.3 * l["channels_before"]) for l in layers)
+    assert budget <= removed < budget + 8

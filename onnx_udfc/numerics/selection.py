@@ -201,26 +201,26 @@ def aligned_removal(n: int, n_remove: int, multiple: int, max_remove: int = None
 
 
 def allocate_greedily(states, budget: int) -> np.ndarray:
-    """Spend `budget` single-channel removals over several layers, cheapest next removal first.
+    """Spend a budget of removed channels over several layers, cheapest next removal first.
 
-    states: objects with ``peek() -> (channel, cost)`` (cost of their next removal, inf when exhausted)
-    and ``step()``; a heap keeps the layers ordered by that cost (ties: earlier layer). Each layer
-    advances only as far as its share, so its greedy never runs past it. For layers whose cost
-    curves are convex (increasing marginal costs) this minimises the summed cost for the budget.
+    states: objects with ``peek() -> (size, cost)`` (the number of channels of their next removal step and
+    its cost per channel; cost inf when exhausted) and ``step()``; a heap keeps the layers ordered by that
+    cost (ties: earlier layer). Steps are taken until `budget` channels are removed (the last step may
+    overshoot by less than its size). Each layer advances only as far as its share. With single-channel
+    steps and convex cost curves (increasing marginal costs) this minimises the summed cost.
 
     Returns:
-        (L,) int64 removals per layer (less than `budget` in total only if every layer is exhausted).
+        (L,) int64 channels removed per layer (less than `budget` in total only if every layer is exhausted).
     """
     heap = [(float(state.peek()[1]), i) for i, state in enumerate(states)]
     heapq.heapify(heap)
     counts = np.zeros(len(states), dtype=np.int64)
-    for _ in range(int(budget)):
-        if not heap:
-            break
+    while heap and counts.sum() < int(budget):
         cost, i = heapq.heappop(heap)
         if not np.isfinite(cost):
             break
+        size = int(states[i].peek()[0])
         states[i].step()
-        counts[i] += 1
+        counts[i] += size
         heapq.heappush(heap, (float(states[i].peek()[1]), i))
     return counts

@@ -24,6 +24,7 @@ from ..numerics.compensation import (apply_compensation, mean_compensation, neur
                                      solve_affine_compensation)
 from ..numerics.selection import aligned_removal, select_by_expected_error, select_by_norm
 from ..patterns.chains import Chain
+from .allocate import effective_multiple
 from .base import PassContext
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     record = ctx.layer(chain.producer)
     n = chain.channels
     if plan is None:
-        n_remove = aligned_removal(n, int(np.floor(options.prune * n)), options.channel_multiple)
+        n_remove = aligned_removal(n, int(np.floor(options.prune * n)), effective_multiple(n, options.channel_multiple))
     else:
         n_remove = plan.n_remove
     record.update(channels_before=n, channels_after=n, consumer=chain.consumer.name or chain.consumer.output[0])
