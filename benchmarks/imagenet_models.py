@@ -169,6 +169,17 @@ def export(model, path, keep_bn):
     os.replace(tmp, path)
 
 
+def export_dynamo(model, path):
+    """The same model through torch's dynamo exporter (`dynamo=True`, needs `onnxscript`): opset 18+, BN folded
+    by its optimizer, `ReduceMean` with an axes input; another exporter's idioms for the tool to face."""
+    with torch.no_grad():
+        program = torch.onnx.export(model.eval(), (torch.randn(*INPUT_SHAPE),), dynamo=True,
+                                    input_names=["input"], output_names=["logits"])
+    tmp = path + ".tmp"
+    program.save(tmp)
+    os.replace(tmp, path)
+
+
 def op_counts(model_proto):
     return collections.Counter(n.op_type for n in model_proto.graph.node)
 
@@ -204,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--names", default=",".join(BUILDERS))
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--dynamo", action="store_true", help="also export with torch's dynamo exporter (pip install onnxscript)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -221,6 +233,11 @@ def main(argv=None):
             ops = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             print(f"  {path}: {os.path.getsize(path) / 1e6:.1f} MB, ort vs torch max abs diff {diff:.2e}\n"
                   f"    ops ({sum(counts.values())} nodes): {ops}")
+        if args.dynamo:
+            path = os.path.join(args.out, f"{name}_dynamo.onnx")
+            export_dynamo(model, path)
+            counts, diff = verify(model, path, keep_bn=False)
+            print(f"  {path} (dynamo exporter): ort vs torch max abs diff {diff:.2e}, {sum(counts.values())} nodes")
 
 
 if __name__ == "__main__":
