@@ -29,10 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ChainPlan:
-    """Removal order and error curve of one chain (order[:k] is the set removed when k are taken)."""
+    """Removal order of one chain and how many of it are removed (order[:n_remove])."""
 
     order: np.ndarray  # (K,) channel indices in removal order
-    errors: np.ndarray  # (K,) relative consumer-output error after each removal
     n_remove: int = 0
 
     def removed(self) -> np.ndarray:
@@ -107,8 +106,7 @@ class AlignedSteps:
         self.taken += self._next_size()
 
     def plan(self) -> ChainPlan:
-        return ChainPlan(order=self.greedy.order[:self.taken].copy(), errors=self.greedy.errors[:self.taken].copy(),
-                         n_remove=self.taken)
+        return ChainPlan(order=self.greedy.order[:self.taken].copy(), n_remove=self.taken)
 
 
 def plan_global_allocation(ctx: PassContext, chains: List[Chain]) -> Dict[int, ChainPlan]:
