@@ -3,12 +3,12 @@ and redundant channels are taken before informative ones."""
 import itertools
 
 import numpy as np
-import onnx
 import pytest
 
 from onnx_udfc import compress
-from onnx_udfc.numerics.selection import BackwardGreedy, aligned_removal, allocate_greedily, greedy_removal_order
-from onnx_udfc.passes.allocate import AlignedSteps, effective_multiple, removal_cap
+from onnx_udfc.numerics.selection import (BackwardGreedy, aligned_removal, allocate_greedily, effective_multiple,
+                                         greedy_removal_order)
+from onnx_udfc.passes.allocate import AlignedSteps, removal_cap
 
 from builders import ModelBuilder, depthwise_block, plain_chain, random_input, rel_error, run
 

@@ -17,7 +17,7 @@ import scipy.linalg
 from scipy.linalg.blas import dger as _ger
 
 __all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "BackwardGreedy",
-           "allocate_greedily", "aligned_removal"]
+           "allocate_greedily", "aligned_removal", "effective_multiple"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,14 @@ def aligned_removal(n: int, n_remove: int, multiple: int, max_remove: int = None
     return n - best
 
 
+def effective_multiple(n: int, multiple: int) -> int:
+    """`multiple`, or 1 for chains narrower than 4 blocks: there a block is over a quarter of the layer, too
+    coarse a step (the quick-start VGG's 16-channel layers lost 9 points when cut 16 -> 8), and the conv is
+    too small for its kernel choice to matter."""
+    multiple = max(int(multiple), 1)
+    return multiple if n >= 4 * multiple else 1
+
+
 def allocate_greedily(states, budget: int) -> np.ndarray:
     """Spend a budget of removed channels over several layers, cheapest next removal first.
 
@@ -215,12 +223,14 @@ def allocate_greedily(states, budget: int) -> np.ndarray:
     heap = [(float(state.peek()[1]), i) for i, state in enumerate(states)]
     heapq.heapify(heap)
     counts = np.zeros(len(states), dtype=np.int64)
-    while heap and counts.sum() < int(budget):
+    removed = 0
+    while heap and removed < int(budget):
         cost, i = heapq.heappop(heap)
         if not np.isfinite(cost):
             break
         size = int(states[i].peek()[0])
         states[i].step()
         counts[i] += size
+        removed += size
         heapq.heappush(heap, (float(states[i].peek()[1]), i))
     return counts

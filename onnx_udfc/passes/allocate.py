@@ -20,9 +20,10 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..ir.layers import read_layer
-from ..numerics.selection import BackwardGreedy, allocate_greedily
+from ..numerics.selection import BackwardGreedy, allocate_greedily, effective_multiple
 from ..patterns.chains import Chain
 from .base import PassContext
+from .prune import consumer_taps
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +63,9 @@ def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[Ba
     consumer = read_layer(ctx.graph, chain.consumer)
     if statistics is None or consumer is None or max_remove < 1:
         return None
-    v_taps = consumer.rows.reshape(consumer.rows.shape[0], chain.channels, -1).astype(np.float64)
+    v_taps = consumer_taps(consumer.rows, chain.channels, chain.block).astype(np.float64)
     gram = normalised_gram(v_taps, statistics[1])
     return BackwardGreedy(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
-
-
-def effective_multiple(n: int, multiple: int) -> int:
-    """`multiple`, or 1 for chains narrower than 4 blocks: there a block is over a quarter of the layer, too
-    coarse a step (the quick-start VGG's 16-channel layers lost 9 points when cut 16 -> 8), and the conv is
-    too small for its kernel choice to matter."""
-    multiple = max(int(multiple), 1)
-    return multiple if n >= 4 * multiple else 1
 
 
 class AlignedSteps:

@@ -22,9 +22,8 @@ from ..ir.graph import set_attr
 from ..ir.layers import read_layer, write_layer
 from ..numerics.compensation import (apply_compensation, mean_compensation, neuron_merging,
                                      solve_affine_compensation)
-from ..numerics.selection import aligned_removal, select_by_expected_error, select_by_norm
+from ..numerics.selection import aligned_removal, effective_multiple, select_by_expected_error, select_by_norm
 from ..patterns.chains import Chain
-from .allocate import effective_multiple
 from .base import PassContext
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,8 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     record = ctx.layer(chain.producer)
     n = chain.channels
     if plan is None:
-        n_remove = aligned_removal(n, int(np.floor(options.prune * n)), effective_multiple(n, options.channel_multiple))
+        multiple = effective_multiple(n, options.channel_multiple)
+        n_remove = aligned_removal(n, int(np.floor(options.prune * n)), multiple)
     else:
         n_remove = plan.n_remove
     record.update(channels_before=n, channels_after=n, consumer=chain.consumer.name or chain.consumer.output[0])
