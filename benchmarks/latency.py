@@ -24,7 +24,6 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,6 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
+from common import machine_settings, write_json_and_table  # noqa: E402
 from speed import default_models  # noqa: E402
 
 import onnx_udfc  # noqa: E402
@@ -161,24 +161,18 @@ def write_results(rows: List[dict], args) -> None:
     """`<tag>.json` (settings and rows) and `<tag>.md` (the table)."""
     import onnxruntime as ort
 
-    os.makedirs(args.out, exist_ok=True)
     settings = dict(threads=args.threads, optimization=args.optimization, runs=args.runs, warmup=args.warmup,
-                    budget_s=args.budget, method=args.method, bits=32, onnxruntime=ort.__version__, cpus=os.cpu_count(),
-                    load_average=[round(x, 2) for x in os.getloadavg()])
-    with open(os.path.join(args.out, args.tag + ".json"), "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, args.tag + ".md"), "w") as f:
-        f.write(f"onnxruntime {ort.__version__} CPU, intra_op_num_threads {args.threads}, inter_op 1, sequential, "
+                    budget_s=args.budget, method=args.method, bits=32, onnxruntime=ort.__version__,
+                    **machine_settings())
+    preamble = (f"onnxruntime {ort.__version__} CPU, intra_op_num_threads {args.threads}, inter_op 1, sequential, "
                 f"graph optimisation level(s) {args.optimization} (`all` includes the NCHWc layout transform, "
                 f"`extended` stops before it); "
                 f"median of up to {args.runs} runs after {args.warmup} warm-up runs (at least 3 within a "
                 f"{args.budget:g} s budget per cell). Pruning only (`bits=32`, method {args.method}); MACs ratio "
                 f"from the report; 'within 0.1' = |latency ratio - MACs ratio| <= {TOLERANCE}. {settings['cpus']} "
                 f"CPUs, load average {settings['load_average'][0]} at the end (timings on a busy machine are "
-                f"noisy).\n\n")
-        f.write(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1) + "\n")
-        for r in rows:
-            f.write(format_row(r) + "\n")
+                f"noisy).")
+    write_json_and_table(args.out, args.tag, settings, rows, preamble, HEADER, format_row)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -32,6 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+from common import machine_settings, write_json_and_table  # noqa: E402
 from synthetic_models import DEFAULT_FOLDER, write_resnet50  # noqa: E402
 
 CACHED_NAMES = ("mobilenetv2_bn", "efficientnet_lite0_bn", "vgg_bn", "resnet20_bn")
@@ -140,22 +141,16 @@ def format_row(r: dict) -> str:
 
 def write_results(rows: List[dict], args, out_dir: str, tag: str) -> None:
     """`<tag>.json` (rows and settings) and `<tag>.md` (the table)."""
-    os.makedirs(out_dir, exist_ok=True)
     settings = dict(repeat=args.repeat, prune=args.prune, bits=args.bits, cli=args.cli, python=sys.version.split()[0],
-                    cpus=os.cpu_count(), load_average=[round(x, 2) for x in os.getloadavg()])
-    with open(os.path.join(out_dir, tag + ".json"), "w") as f:
-        json.dump({"settings": settings, "rows": rows}, f, indent=1)
-    with open(os.path.join(out_dir, tag + ".md"), "w") as f:
-        f.write(f"Compression as whole processes: best wall clock of {args.repeat} runs, peak RSS of the process tree; "
+                    **machine_settings())
+    preamble = (f"Compression as whole processes: best wall clock of {args.repeat} runs, peak RSS of the process tree; "
                 f"floor = a process that loads and saves the model with `onnx`; all udfc runs `--no-validate -q`; "
                 f"'validate s' is `seconds.validate` of one extra run with validation. RSS limit = "
                 f"{RSS_FACTOR:g} x file size + {RSS_OFFSET_MB:g} MB. {settings['cpus']} CPUs, load average "
-                f"{settings['load_average'][0]} at the end (timings on a busy machine are noisy).\n\n")
-        f.write(HEADER + "\n|" + "---|" * (HEADER.count("|") - 1) + "\n")
-        for r in rows:
-            f.write(format_row(r) + "\n")
-        f.write("\nFloor peak RSS MB: " + ", ".join(
-            f"{r['model']} {r['floor_rss_mb']:.0f}" for r in rows if r["validate_s"] is not None) + "\n")
+                f"{settings['load_average'][0]} at the end (timings on a busy machine are noisy).")
+    footer = "\nFloor peak RSS MB: " + ", ".join(
+        f"{r['model']} {r['floor_rss_mb']:.0f}" for r in rows if r["validate_s"] is not None) + "\n"
+    write_json_and_table(out_dir, tag, settings, rows, preamble, HEADER, format_row, footer)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
