@@ -39,12 +39,29 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
     to `report.notes` and to one logged warning.
     Raises UsageError / BadModelError / PassError / ValidationFailed (all `UdfcError`).
     """
+    out, report, _ = compress_serialized(model, prune=prune, bits=bits, method=method, input_shapes=input_shapes,
+                                         validate=validate, max_rel_error=max_rel_error, **options)
+    return out, report
+
+
+def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method: str = "udfc",
+                        input_shapes: Optional[Dict[str, tuple]] = None, validate: bool = True,
+                        max_rel_error: Optional[float] = None, checked_input_bytes: Optional[int] = None,
+                        **options) -> Tuple[onnx.ModelProto, Report, bytes]:
+    """`compress`, also returning the compressed model serialised (deterministic bytes, as checked by
+    onnx.checker): a caller that writes the model saves serialising it again.
+
+    `checked_input_bytes`: the input's serialised size when the caller already ran `check_supported` on
+    its bytes (read from a file): neither the check nor the size needs the model serialised again.
+    """
     start = time.perf_counter()
     opts = Options(prune=prune, bits=bits, method=method, input_shapes=dict(input_shapes or {}), **options).validate()
     _check_run_flags(opts, max_rel_error)
-    check_supported(model)
+    if checked_input_bytes is None:
+        check_supported(model)
     shapes = resolve_input_shapes(model, opts.input_shapes)
-    before = ModelSize(count_params(model), model.ByteSize(), count_macs(model, shapes))
+    input_bytes = checked_input_bytes if checked_input_bytes is not None else model.ByteSize()
+    before = ModelSize(count_params(model), input_bytes, count_macs(model, shapes))
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -54,9 +71,11 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
         records = PassManager(passes, debug=opts.debug).run(ctx)
+        graph.flush()
         _note_pruning_without_effect(ctx)
+    serialized = out.SerializeToString(deterministic=True)
     try:
-        onnx.checker.check_model(out, full_check=True)
+        onnx.checker.check_model(serialized, full_check=True)
     except Exception as exc:
         raise PassError(f"compressed model fails onnx.checker: {str(exc).splitlines()[0][:300]}") from exc
     compress_seconds = time.perf_counter() - start
@@ -65,7 +84,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
         options=opts.to_dict(),
         statistics_source=ctx.stats.source if ctx.stats is not None else "not needed",
         before=before,
-        after=ModelSize(count_params(out), out.ByteSize(), count_macs(out, shapes)),
+        after=ModelSize(count_params(out), len(serialized), count_macs(out, shapes)),
         layers=_layer_records(ctx),
         coupled_groups=ctx.coupled_groups,
         passes=records,
@@ -76,7 +95,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
         from .validate.compare import compare_models
 
         t0 = time.perf_counter()
-        metrics = compare_models(model, out, shapes, seed=opts.seed)
+        metrics = compare_models(model, serialized, shapes, seed=opts.seed)
         report.validation = {"inputs": "seeded synthetic (pink-noise images, else standard normal), batch 8", "seed": opts.seed, "outputs": metrics}
         report.seconds["validate"] = round(time.perf_counter() - t0, 4)
         if max_rel_error is not None:
@@ -86,7 +105,7 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
             if worst > max_rel_error:
                 raise ValidationFailed(
                     f"relative L2 error {worst:.4g} exceeds --max-rel-error {max_rel_error}", report)
-    return out, report
+    return out, report, serialized
 
 
 def _check_run_flags(opts: Options, max_rel_error: Optional[float]) -> None:

@@ -110,8 +110,8 @@ def _validation_failed(args, exc: ValidationFailed) -> int:
 
 
 def _run(args) -> int:
-    from .api import compress
-    from .ir.io import read_model, save_model
+    from .api import compress_serialized
+    from .ir.io import check_supported, read_model_bytes, save_model
     from .ir.shapes import parse_input_shapes
 
     _check_paths(args)
@@ -119,18 +119,24 @@ def _run(args) -> int:
         raise UsageError("--first-last-bits must be >= 0")
     shapes = parse_input_shapes(args.input_shape)
     t0 = time.perf_counter()
-    model, data_files = read_model(args.input)
+    model, data_files, serialized_input = read_model_bytes(args.input)
     _check_data_files_kept(args, data_files)
+    checked_bytes = None
+    if serialized_input is not None:  # checked on the bytes read, then dropped (the model's size in memory)
+        check_supported(model, serialized_input)
+        checked_bytes = len(serialized_input)
+        del serialized_input
     load_seconds = time.perf_counter() - t0
-    compressed, report = compress(
-        model, prune=args.prune, bits=args.bits, method=args.method, input_shapes=shapes,
+    compressed, report, serialized = compress_serialized(
+        model, checked_input_bytes=checked_bytes, prune=args.prune, bits=args.bits, method=args.method,
+        input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
         statistics=args.statistics, samples=args.samples,
         select=args.select, allocation=args.allocation, channel_multiple=args.channel_multiple, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)
     t1 = time.perf_counter()
-    written_data = save_model(compressed, args.output)
+    written_data = save_model(compressed, args.output, serialized=serialized)
     report.seconds["load"] = round(load_seconds, 4)
     report.seconds["save"] = round(time.perf_counter() - t1, 4)
     report.before.bytes = os.path.getsize(args.input) + sum(os.path.getsize(f) for f in data_files)

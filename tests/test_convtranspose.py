@@ -62,7 +62,7 @@ def test_rows_are_per_output_channel_and_write_back_restores_the_layout(group):
     # scaling row o must scale output channel o (bias removed) and nothing else
     factors = np.arange(1, layer.out_channels + 1, dtype=np.float64)
     write_layer(graph, layer, layer.rows * factors[:, None, None, None], np.zeros(layer.out_channels))
-    after = run(model, x)
+    after = run(graph.model, x)  # graph.model: the weights written so far, serialised
     nobias = before - layer.bias.reshape(1, -1, 1, 1)
     np.testing.assert_allclose(after, nobias * factors.reshape(1, -1, 1, 1), rtol=1e-4, atol=1e-4)
     write_layer(graph, read_layer(graph, node), read_layer(graph, node).rows / factors[:, None, None, None], None)
@@ -88,7 +88,7 @@ def test_tap_coverage_is_the_fraction_of_output_pixels_each_tap_reaches(k, strid
             one_hot = np.zeros((1, 1, k, k))
             one_hot[0, 0, ty, tx] = 1.0
             write_layer(graph, layer, one_hot, None)
-            measured[ty, tx] = run(model, np.ones((1, 1, 7, 9), np.float32)).mean()
+            measured[ty, tx] = run(graph.model, np.ones((1, 1, 7, 9), np.float32)).mean()
     np.testing.assert_allclose(coverage, measured, atol=1e-6)
     # on average an output pixel sees about prod(kernel) / prod(strides) taps
     assert coverage.sum() == pytest.approx(k * k / stride ** 2, rel=0.35)

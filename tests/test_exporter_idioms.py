@@ -196,6 +196,7 @@ def test_mul_add_after_a_conv_fold_into_it_exactly():
     assert NormalizeGraphPass().run(ctx).stats["constant_ops_folded"] == 1
     assert FoldBatchNormPass().run(ctx).stats["affine_ops_folded"] == 3
     graph.remove_unused_initializers()
+    graph.flush()  # the folded weights into the ModelProto
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu", "Conv"]
     onnx.checker.check_model(folded, full_check=True)
     x = random_input(model)

@@ -44,13 +44,35 @@ class Graph:
     """
 
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
+        self._model = model
         self.graph = model.graph
         self._arrays: Dict[str, np.ndarray] = {}
+        self._pending: Dict[str, np.ndarray] = {}  # weights written since the last flush, by initializer name
         self._names: set = set()
         self._counter = 0
         self._index_valid = False
         self._build_index()
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The ModelProto, with every weight written so far serialised into it (see `flush`)."""
+        self.flush()
+        return self._model
+
+    def flush(self) -> None:
+        """Serialise the pending weights into their initializers, once each.
+
+        `set_weight` keeps arrays in memory until the ModelProto is needed: a weight is often written several
+        times (BN folding, pruning, compensation, quantization) and every serialisation leaves its bytes in
+        the protobuf arena until the model is freed, so writing each weight once keeps memory near the size
+        of the input plus the output model.
+        """
+        for name, array in self._pending.items():
+            tensor = self.initializers.get(name) if self._index_valid else None
+            if tensor is None:
+                tensor = next(t for t in self.graph.initializer if t.name == name)
+            tensor.CopyFrom(numpy_helper.from_array(array, name))
+        self._pending.clear()
 
     # ------------------------------------------------------------------ index
     def _build_index(self) -> None:
@@ -122,7 +144,9 @@ class Graph:
         if not tensor:
             return None
         self.refresh()
-        cached = self._arrays.get(tensor)
+        cached = self._pending.get(tensor)
+        if cached is None:
+            cached = self._arrays.get(tensor)
         if cached is not None:
             return cached
         if tensor in self.initializers:
@@ -200,8 +224,9 @@ class Graph:
             self.refresh()
             self._arrays.pop(new_name, None)
             return new_name
-        tensor = self.initializers[name]
-        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        value = np.array(array, order="C")  # a private copy: the caller may reuse its array
+        value.setflags(write=False)
+        self._pending[name] = value
         self._arrays.pop(name, None)
         return name
 
@@ -254,6 +279,7 @@ class Graph:
                         del field[i]
             for name in dropped:
                 self._arrays.pop(name, None)
+                self._pending.pop(name, None)
             self.invalidate()
         return removed
 

@@ -22,14 +22,29 @@ Break points farther than ``XI_MAX`` = 40 standard deviations are clamped there:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy import special
 
 XI_MAX = 40.0
 _QUAD_L = 10.0
 _QUAD_C = 12.0
 _QUAD_N = 64
 _INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+
+
+_ERFC = np.frompyfunc(math.erfc, 1, 1)
+
+
+def ndtr(x: np.ndarray) -> np.ndarray:
+    """Standard normal cdf ``Phi(x) = erfc(-x / sqrt(2)) / 2``, float64 of x's shape.
+
+    ``math.erfc`` elementwise (correctly rounded to about 1 ulp in both tails): the arrays here are per
+    channel, a few thousand values, and this keeps scipy.special (0.2 s to import) out of every run.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    return 0.5 * _ERFC(x * -_INV_SQRT_2).astype(np.float64)
 
 
 def phi(x: np.ndarray) -> np.ndarray:
@@ -62,8 +77,8 @@ def _edges(mu: np.ndarray, s: np.ndarray, breaks: np.ndarray) -> np.ndarray:
 
 def _mass(al: np.ndarray, be: np.ndarray) -> np.ndarray:
     """``Phi(be) - Phi(al)`` computed on the side of the smaller tail (no cancellation)."""
-    upper = special.ndtr(-al) - special.ndtr(-be)
-    lower = special.ndtr(be) - special.ndtr(al)
+    upper = ndtr(-al) - ndtr(-be)
+    lower = ndtr(be) - ndtr(al)
     return np.where(al > 0, upper, lower)
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
 
 __all__ = ["Activation", "KINDS", "PIECEWISE_KINDS", "SMOOTH_KINDS"]
 
@@ -87,9 +86,9 @@ class Activation:
         if k == "leakyrelu":
             return np.where(x >= 0, x, x * self.alpha).astype(x.dtype)
         if k == "sigmoid":
-            return special.expit(x).astype(x.dtype)
+            return _expit(x).astype(x.dtype)
         if k == "silu":
-            return (x * special.expit(x)).astype(x.dtype)
+            return (x * _expit(x)).astype(x.dtype)
         alpha, beta = self._hard_params()
         hs = np.clip(x * alpha + beta, 0.0, 1.0).astype(x.dtype)
         return hs if k == "hardsigmoid" else (x * hs).astype(x.dtype)
@@ -143,3 +142,8 @@ class Activation:
                 rows = [[0.0, left, 0.0], [0.0, beta, alpha], [0.0, right, 0.0]]
             return np.array(sorted((b0, b1))), np.array(rows)
         raise ValueError(f"activation {k!r} is not piecewise polynomial")
+
+
+def _expit(x: np.ndarray) -> np.ndarray:
+    """Logistic sigmoid ``1 / (1 + exp(-x)) = exp(-log(1 + exp(-x)))``, without overflow for any x."""
+    return np.exp(-np.logaddexp(0.0, -x))

@@ -37,7 +37,8 @@ def fold_batchnorm(w, b, gamma, beta, mean, var, eps) -> tuple[np.ndarray, np.nd
     if b64.shape != (n,):
         raise ValueError(f"b must have shape ({n},), got {b64.shape}")
     scale = gamma / np.sqrt(var + float(eps))
-    w_f = w.astype(np.float64) * scale.reshape((n,) + (1,) * (w.ndim - 1))
+    w_f = w.astype(np.float64)
+    w_f *= scale.reshape((n,) + (1,) * (w.ndim - 1))
     b_f = (b64 - mean) * scale + beta
     dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float64
     return w_f.astype(dtype), b_f.astype(dtype)

@@ -11,7 +11,6 @@ import logging
 import warnings
 
 import numpy as np
-import scipy.linalg
 
 from .covariance import _spatial_corr
 
@@ -69,6 +68,8 @@ def solve_affine_compensation(mean, cov, kept, ridge: float = 0.0, extra_noise=N
             raise ValueError(f"extra_noise must be nonnegative with shape ({nk},)")
         a[np.diag_indices(nk)] += noise
     rhs = cov[kept, :]  # (|K|, N) = A S^T
+    import scipy.linalg  # here, not at import: scipy.linalg costs 0.2 s and only pruning needs it
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", scipy.linalg.LinAlgWarning)

@@ -15,7 +15,9 @@ and the activation ``a_i = f(z_i)``.
   spatial correlation of feature maps (the same channel at two pixels is correlated ``< 1``).
 
 Internally the coefficients are used normalised, ``c_ik / sqrt(k!)``, so orders up to a few
-hundred do not overflow.
+hundred do not overflow. The (N, N) series are evaluated by Horner's scheme in the elementwise sense
+(``sum_k (c_k c_k^T) o R^k = R o (c_1 c_1^T + R o (c_2 c_2^T + ...))``) on cache-sized blocks of rows of
+the lower triangle, mirrored, so results are exactly symmetric.
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ import numpy as np
 
 from . import _gauss
 from .activations import Activation
+
+
+def _blas():
+    """scipy's BLAS wrappers, imported on first use: scipy.linalg costs 0.2 s to import and only the
+    chain statistics of pruning need it."""
+    from scipy.linalg import blas
+
+    return blas
+
 
 __all__ = [
     "gaussian_activation_moments",
@@ -79,13 +90,16 @@ def gaussian_activation_moments(mu, sigma, act: Activation) -> tuple[np.ndarray,
     return mean, var
 
 
-def _normalized_coefficients(mu, sigma, act: Activation, order: int) -> np.ndarray:
-    """``E[f(mu + s xi) he_k(xi)]`` with ``he_k = He_k / sqrt(k!)``; shape (N, order+1)."""
+def _normalized_coefficients(mu, sigma, act: Activation, order: int, mean=None) -> np.ndarray:
+    """``E[f(mu + s xi) he_k(xi)]`` with ``he_k = He_k / sqrt(k!)``; shape (N, order+1).
+
+    ``mean``: optional (N,) ``E[f(z)]`` already computed by :func:`gaussian_activation_moments` (column 0).
+    """
     if order < 0:
         raise ValueError("order must be >= 0")
     mu, sigma, s, degenerate = _prepare(mu, sigma)
     out = np.empty((mu.shape[0], order + 1))
-    out[:, 0] = gaussian_activation_moments(mu, sigma, act)[0]
+    out[:, 0] = gaussian_activation_moments(mu, sigma, act)[0] if mean is None else mean
     if order == 0:
         return out
     if act.is_piecewise:
@@ -122,11 +136,98 @@ def hermite_coefficients(mu, sigma, act: Activation, order: int) -> np.ndarray:
     return chat * sqrt_fact[None, :]
 
 
-def _check_corr(corr, n: int) -> np.ndarray:
+# --- blocked evaluation of symmetric (N, N) results --------------------------------------------------------------
+# The N x N matrices below are built one block of rows at a time, lower triangle only: rows r0:r1, columns 0:r1.
+# A block of at most _BLOCK_ELEMS entries (plus the matching correlation block) stays in the L2 cache while the
+# series is evaluated on it, so each order costs two in-cache passes instead of several passes over memory.
+_BLOCK_ELEMS = 65536
+_MIN_BLOCK_ROWS = 16
+_MAX_BLOCK_ROWS = 128
+
+
+def _row_blocks(n: int) -> list[tuple[int, int]]:
+    """Row ranges ``(r0, r1)`` covering ``0..n``, ``B = clip(65536 // n, 16, 128)`` rows each (the last shorter)."""
+    rows = max(_MIN_BLOCK_ROWS, min(_MAX_BLOCK_ROWS, _BLOCK_ELEMS // max(n, 1)))
+    return [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]
+
+
+def _store_lower_block(out: np.ndarray, blk: np.ndarray, r0: int, r1: int) -> None:
+    """Write ``blk = X[r0:r1, :r1]`` of a symmetric X into ``out`` (N, N) and mirror it above the diagonal.
+
+    The diagonal block ``blk[:, r0:r1]`` is replaced by ``(D + D^T) / 2`` and ``out[:r0, r0:r1] = blk[:, :r0]^T``,
+    so ``out`` is exactly symmetric once every block is stored. ``blk`` is modified.
+    """
+    diag = blk[:, r0:r1]
+    diag[...] = 0.5 * (diag + diag.T)
+    out[r0:r1, :r1] = blk
+    out[:r0, r0:r1] = blk[:, :r0].T
+
+
+def _corr_input(corr, n: int) -> np.ndarray:
+    """``corr`` as float64 (N, N), without a copy when it already is (symmetrised and clipped per block later)."""
     corr = np.asarray(corr, dtype=np.float64)
     if corr.shape != (n, n):
         raise ValueError(f"corr must have shape ({n}, {n}), got {corr.shape}")
-    return np.clip(0.5 * (corr + corr.T), -1.0, 1.0)
+    return corr
+
+
+def _corr_block(corr: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1, columns 0:r1 of ``clip((corr + corr^T) / 2, -1, 1)``: a new C-contiguous (r1 - r0, r1) array."""
+    blk = np.add(corr[r0:r1, :r1], corr[:r1, r0:r1].T)
+    blk *= 0.5
+    return np.clip(blk, -1.0, 1.0, out=blk)
+
+
+def _coefficients_and_variance(mu, sigma, act: Activation, order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised coefficients (N, order+1) and exact variances (N,), from one call of the moment formulas."""
+    mean, var = gaussian_activation_moments(mu, sigma, act)
+    return _normalized_coefficients(mu, sigma, act, order, mean=mean), var
+
+
+def _tail_rows(chat: np.ndarray, var: np.ndarray, order: int) -> np.ndarray:
+    """Rows ``tail_i = sqrt(t_i) unit_i`` (N, m), so that ``(tail tail^T)_ij = a_ij sqrt(t_i t_j)``.
+
+    ``t_i = max(Var_i - sum_{k=1..order} chat_ik^2, 0)`` is the variance the truncated series misses and
+    ``unit_i`` the last ``m = min(4, order)`` normalised coefficients of channel i scaled to unit length
+    (zero if they all vanish), so ``a_ij`` is their cosine.
+    """
+    missing = np.sqrt(np.maximum(var - np.sum(chat[:, 1:] ** 2, axis=1), 0.0))
+    last = chat[:, max(1, order - 3):]
+    norms = np.linalg.norm(last, axis=1)
+    unit = np.divide(last, norms[:, None], out=np.zeros_like(last), where=norms[:, None] > 0)
+    return missing[:, None] * unit
+
+
+def _mehler_horner_block(coefs: np.ndarray, r0: int, r1: int, rb: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """Rows r0:r1, columns 0:r1 of ``sum_{k=1..K} (c_k c_k^T) o R^k + A o R^(K+1)`` (``o``: elementwise).
+
+    Horner's scheme in the elementwise sense, innermost term first:
+    ``R o (c_1 c_1^T + R o (c_2 c_2^T + ... + R o (c_K c_K^T + R o A)))``; each order is one in-place
+    multiply and one in-place rank-1 update (BLAS ger on the Fortran-ordered transpose of the block).
+
+    Args:
+        coefs: (K, N) C-contiguous, ``coefs[k - 1] = c_k``.
+        rb: (B, r1) block of R (B = r1 - r0). acc: (B, r1) C-contiguous block of A; overwritten with the result.
+
+    Returns:
+        acc.
+    """
+    acc_t = acc.T  # (r1, B), Fortran-ordered view: ger updates it (and so acc) in place
+    for k in range(coefs.shape[0], 0, -1):
+        acc *= rb
+        res = _blas().dger(1.0, coefs[k - 1, :r1], coefs[k - 1, r0:r1], a=acc_t, overwrite_a=True)
+        if res is not acc_t:  # BLAS wrapper made a copy (never for a Fortran-ordered float64 block)
+            acc_t[...] = res
+    acc *= rb
+    return acc
+
+
+def _check_lag_factors(lag_factors) -> np.ndarray:
+    """Lag factors as a float64 (L,) array; ValueError unless 1-D with values in [-1, 1]."""
+    factors = np.atleast_1d(np.asarray(lag_factors, dtype=np.float64))
+    if factors.ndim != 1 or np.any(np.abs(factors) > 1.0):
+        raise ValueError("lag_factors must be a 1-D array with values in [-1, 1]")
+    return factors
 
 
 def lagged_activation_covariance(mu, sigma, corr, act: Activation, lag_factors, order: int = 16) -> np.ndarray:
@@ -139,6 +240,12 @@ def lagged_activation_covariance(mu, sigma, corr, act: Activation, lag_factors, 
     for every (i, j) including the diagonal (at lag > 0 a channel is only partly correlated with
     itself: ``sum_k c_ik^2 f_l^k / k!``), except that where ``f_l == 1`` exactly the diagonal is the
     exact variance of :func:`gaussian_activation_moments`.
+
+    Evaluation: with ``R_l = f_l corr`` and ``chat_k = c_:k / sqrt(k!)`` each slice is Horner's scheme in the
+    elementwise sense, tail innermost:
+    ``R_l o (chat_1 chat_1^T + R_l o (chat_2 chat_2^T + ... + R_l o (chat_K chat_K^T + R_l o tail tail^T)))``,
+    computed on blocks of rows of the lower triangle (mirrored above the diagonal, diagonal blocks symmetrised),
+    so the result is exactly symmetric; a slice with ``f_l == 0`` is exactly zero.
 
     Args:
         mu, sigma: (N,) pre-activation means and standard deviations.
@@ -153,43 +260,60 @@ def lagged_activation_covariance(mu, sigma, corr, act: Activation, lag_factors, 
     """
     mu, sigma, _, _ = _prepare(mu, sigma)
     n = mu.shape[0]
-    corr = _check_corr(corr, n)
-    factors = np.atleast_1d(np.asarray(lag_factors, dtype=np.float64))
-    if factors.ndim != 1 or np.any(np.abs(factors) > 1.0):
-        raise ValueError("lag_factors must be a 1-D array with values in [-1, 1]")
-    chat = _normalized_coefficients(mu, sigma, act, order)
-    cov = np.zeros((factors.shape[0], n, n))
-    power = np.ones((n, n))
-    fpow = np.ones_like(factors)
-    for k in range(1, order + 1):
-        power *= corr
-        fpow *= factors
-        term = np.outer(chat[:, k], chat[:, k]) * power
-        for l_idx in range(factors.shape[0]):
-            if fpow[l_idx] != 0.0:
-                cov[l_idx] += fpow[l_idx] * term
-    # Tail of the series, sum_{k>order} c_ik c_jk r^k / k!, estimated as a_ij sqrt(t_i t_j) r^(order+1) with
-    # t_i = Var_i - sum_k chat_ik^2 and a_ij the cosine of the last few normalised coefficients of i and j.
+    corr = _corr_input(corr, n)
+    factors = _check_lag_factors(lag_factors)
+    chat, var = _coefficients_and_variance(mu, sigma, act, order)
+    # Tail of the series, sum_{k>order} c_ik c_jk r^k / k!, estimated as a_ij sqrt(t_i t_j) r^(order+1).
     # Exact when r = 1 and c_i is a positive multiple of c_j (a channel that is a scaled copy of another);
     # a Hadamard product of PSD matrices otherwise (keeps the result PSD); vanishing fast for |r| < 1.
-    var = gaussian_activation_moments(mu, sigma, act)[1]
-    tail = np.sqrt(np.maximum(var - np.sum(chat[:, 1:] ** 2, axis=1), 0.0))
-    last = chat[:, max(1, order - 3):]
-    norms = np.linalg.norm(last, axis=1)
-    unit = np.divide(last, norms[:, None], out=np.zeros_like(last), where=norms[:, None] > 0)
-    tail = tail[:, None] * unit  # rows: tail_i * unit_i, so tail @ tail.T = a_ij sqrt(t_i t_j)
-    power *= corr
-    fpow *= factors
-    tail_term = (tail @ tail.T) * power
-    for l_idx in range(factors.shape[0]):
-        if fpow[l_idx] != 0.0:
-            cov[l_idx] += fpow[l_idx] * tail_term
-    exact = factors == 1.0
-    if np.any(exact):
-        idx = np.arange(n)
-        for l_idx in np.flatnonzero(exact):
-            cov[l_idx, idx, idx] = var
-    return 0.5 * (cov + np.swapaxes(cov, 1, 2))
+    tail = _tail_rows(chat, var, order)
+    coefs = np.ascontiguousarray(chat[:, 1:].T)  # (order, N)
+    cov = np.empty((factors.shape[0], n, n))
+    for r0, r1 in _row_blocks(n):
+        rb = _corr_block(corr, r0, r1)
+        tail_blk = tail[r0:r1] @ tail[:r1].T
+        for l_idx, f in enumerate(factors):
+            if f == 0.0:
+                blk = np.zeros_like(tail_blk)
+            else:
+                acc = tail_blk if l_idx == factors.shape[0] - 1 else tail_blk.copy()
+                blk = _mehler_horner_block(coefs, r0, r1, rb if f == 1.0 else rb * f, acc)
+            _store_lower_block(cov[l_idx], blk, r0, r1)
+    idx = np.arange(n)
+    for l_idx in np.flatnonzero(factors == 1.0):
+        cov[l_idx, idx, idx] = var
+    return cov
+
+
+def _symmetric_tap_powers(tap_corr: np.ndarray, count: int) -> np.ndarray:
+    """``S_k = (P^k + (P^k)^T) / 2``, k = 1..count, ``P^k`` elementwise powers of ``tap_corr`` (T, T): (count, T, T)."""
+    out = np.empty((count,) + tap_corr.shape)
+    power = np.ones_like(tap_corr)
+    for k in range(count):
+        power = power * tap_corr
+        out[k] = 0.5 * (power + power.T)
+    return out
+
+
+def _tapped_horner_block(left: np.ndarray, right: np.ndarray, r0: int, r1: int, rb: np.ndarray,
+                         acc: np.ndarray) -> np.ndarray:
+    """Rows r0:r1, columns 0:r1 of ``sum_{k=1..K} (L_k M_k^T) o R^k + A o R^(K+1)``, Horner's scheme:
+    ``R o (L_1 M_1^T + R o (... + R o (L_K M_K^T + R o A)))``; each order one in-place multiply and one GEMM
+    accumulated into the block (``beta = 1``, on its Fortran-ordered transpose).
+
+    Args:
+        left, right: (K, N, T) C-contiguous, ``L_k = left[k - 1]``, ``M_k = right[k - 1]``.
+        rb: (B, r1) block of R. acc: (B, r1) C-contiguous block of A; overwritten with the result.
+    """
+    acc_t = acc.T
+    for k in range(left.shape[0], 0, -1):
+        acc *= rb
+        # acc^T += M_k[:r1] L_k[r0:r1]^T
+        res = _blas().dgemm(1.0, right[k - 1, :r1].T, left[k - 1, r0:r1].T, beta=1.0, c=acc_t, trans_a=1, overwrite_c=1)
+        if res is not acc_t:
+            acc_t[...] = res
+    acc *= rb
+    return acc
 
 
 def tapped_activation_covariance(mu, sigma, corr, act: Activation, taps, tap_corr, order: int = 16) -> np.ndarray:
@@ -202,6 +326,11 @@ def tapped_activation_covariance(mu, sigma, corr, act: Activation, taps, tap_cor
     normalised Hermite coefficients), plus the tail estimate at order+1, plus, on the diagonal, the
     exact variance wherever ``tap_corr == 1`` (a channel with itself at the same pixel).
 
+    Evaluation: with ``S_k`` the symmetric part of ``tap_corr^k``, ``L_k = C_k K S_k`` and ``M_k = C_k K`` (N, T),
+    Horner's scheme in the elementwise sense, tail innermost:
+    ``R o (L_1 M_1^T + R o (... + R o (L_K M_K^T + R o ((K S_(K+1) K^T) o (tail tail^T)))))``, ``R = corr``,
+    on blocks of rows of the lower triangle (mirrored, diagonal blocks symmetrised: exactly symmetric).
+
     Args:
         mu, sigma: (N,) pre-activation moments. corr: (N, N) correlation at the same pixel.
         taps: (N, T) kernel rows. tap_corr: (T, T) spatial correlation factors in [-1, 1].
@@ -211,33 +340,27 @@ def tapped_activation_covariance(mu, sigma, corr, act: Activation, taps, tap_cor
     """
     mu, sigma, _, _ = _prepare(mu, sigma)
     n = mu.shape[0]
-    corr = _check_corr(corr, n)
+    corr = _corr_input(corr, n)
     k2 = np.asarray(taps, dtype=np.float64).reshape(n, -1)
     tap_corr = np.asarray(tap_corr, dtype=np.float64)
-    chat = _normalized_coefficients(mu, sigma, act, order)
-    cov = np.zeros((n, n))
-    power = np.ones((n, n))
-    tap_power = np.ones_like(tap_corr)
-    for k in range(1, order + 1):
-        power *= corr
-        tap_power *= tap_corr
-        scaled = chat[:, k:k + 1] * k2  # (N, T)
-        cov += ((scaled @ tap_power) @ scaled.T) * power
-    var = gaussian_activation_moments(mu, sigma, act)[1]
-    tail = np.sqrt(np.maximum(var - np.sum(chat[:, 1:] ** 2, axis=1), 0.0))
-    last = chat[:, max(1, order - 3):]
-    norms = np.linalg.norm(last, axis=1)
-    unit = np.divide(last, norms[:, None], out=np.zeros_like(last), where=norms[:, None] > 0)
-    tail_rows = tail[:, None] * unit
-    power *= corr
-    tap_power *= tap_corr
-    cov += ((k2 @ tap_power) @ k2.T) * (tail_rows @ tail_rows.T) * power
+    chat, var = _coefficients_and_variance(mu, sigma, act, order)
+    tail_rows = _tail_rows(chat, var, order)
+    sym_powers = _symmetric_tap_powers(tap_corr, order + 1)  # (order+1, T, T)
+    right = chat[:, 1:].T[:, :, None] * k2[None]  # (order, N, T): C_k K
+    left = np.ascontiguousarray(right @ sym_powers[:order])  # C_k K S_k
+    tail_left = k2 @ sym_powers[order]  # K S_(K+1)
+    cov = np.empty((n, n))
+    for r0, r1 in _row_blocks(n):
+        rb = _corr_block(corr, r0, r1)
+        acc = tail_left[r0:r1] @ k2[:r1].T
+        acc *= tail_rows[r0:r1] @ tail_rows[:r1].T
+        _store_lower_block(cov, _tapped_horner_block(left, right, r0, r1, rb, acc), r0, r1)
     # where tap_corr == 1 the series' diagonal (sum_k chat^2 + tail^2 unit.unit) is replaced by the exact variance
     same = (tap_corr == 1.0).astype(np.float64)
     series_diag = np.sum(chat[:, 1:] ** 2, axis=1) + np.sum(tail_rows ** 2, axis=1)
     idx = np.arange(n)
     cov[idx, idx] += np.einsum("it,ts,is->i", k2, same, k2) * (var - series_diag)
-    return 0.5 * (cov + cov.T)
+    return cov
 
 
 def activation_covariance(mu, sigma, corr, act: Activation, order: int = 16) -> np.ndarray:

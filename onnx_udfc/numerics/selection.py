@@ -13,8 +13,6 @@ import heapq
 import logging
 
 import numpy as np
-import scipy.linalg
-from scipy.linalg.blas import dger as _ger
 
 __all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "BackwardGreedy",
            "allocate_greedily", "aligned_removal", "effective_multiple"]
@@ -58,8 +56,8 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
     scale = float(np.mean(np.diag(cov)))
     a = cov + float(ridge) * (scale if scale > 0 else 1.0) * np.eye(n)
     try:
-        q = scipy.linalg.inv(a)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, ValueError):
+        q = np.linalg.inv(a)
+    except (np.linalg.LinAlgError, ValueError):
         log.debug("select_by_expected_error: singular covariance, using pinv")
         q = np.linalg.pinv(a)
     return 0.5 * (q + q.T)
@@ -75,8 +73,16 @@ class BackwardGreedy:
 
     Removing c updates everything with the block inverse in O(|D| N): ``beta = (Q_c: - Q_cD U) / s_c``,
     ``U <- [U - U_c beta; beta]``, ``s <- s - s_c beta^2``, and ``t`` from the same rank-1 terms
-    (one (4, |D|) x (|D|, N) product, one matrix-vector product and the rank-1 update of U per step).
+    (one (4, |D|) x (|D|, N) product and one matrix-vector product per step).
+
+    The rank-1 updates of U are delayed: ``U = U_stored - P B`` with the last (at most `PENDING`) update
+    columns ``P`` (|D|, m) and rows ``B`` (m, N), folded into ``U_stored`` by one matrix product every
+    `PENDING` steps. A step then reads U once (its product) instead of three times (product, and the
+    read and write of an immediate update): the greedy is bound by memory traffic over U.
     """
+
+    #: delayed rank-1 updates of U before they are folded in
+    PENDING = 16
 
     def __init__(self, cov, gram, max_remove: int, ridge: float = 1.0):
         cov = np.asarray(cov, dtype=np.float64)
@@ -92,7 +98,10 @@ class BackwardGreedy:
         self.s = np.diag(self.q).copy()
         self.t = np.zeros(n)
         k = self.max_remove
-        self.u = np.zeros((k, n))  # rows: Q_DD^{-1} Q_{D,:}
+        self.u = np.zeros((k, n))  # rows: Q_DD^{-1} Q_{D,:}, before the pending updates
+        self.pending_cols = np.zeros((k, self.PENDING))  # P: U_c of each pending update (0 on later rows)
+        self.pending_rows = np.zeros((self.PENDING, n))  # B: beta of each pending update
+        self.n_pending = 0
         self.g_rows = np.zeros((k, n))  # rows: G_{c,:} of the removed channels, in removal order
         self.g_dd = np.zeros((k, k))  # G_DD in removal order
         self.order = np.zeros(k, dtype=np.int64)
@@ -120,21 +129,27 @@ class BackwardGreedy:
         if c < 0:
             raise ValueError("max_remove reached")
         self._next = None
-        d, g, q = self.d, self.g, self.q
+        d, g, q, m = self.d, self.g, self.q, self.n_pending
         ud, gd, idx = self.u[:d], self.g_rows[:d], self.order[:d]
+        p, b = self.pending_cols[:d, :m], self.pending_rows[:m]
         sc = max(float(self.s[c]), _TINY)
-        uc = ud[:, c].copy()
+        uc = ud[:, c] - p @ b[:, c]
         g_c_d = g[c, idx]
         w = self.g_dd[:d, :d] @ uc  # G_DD U_c
         h = gd[:, c] - w
-        products = np.stack([h, q[c, idx], g_c_d, w]) @ ud  # (4, N)
+        x = np.stack([h, q[c, idx], g_c_d, w])  # (4, |D|)
+        products = x @ ud - (x @ p) @ b  # (4, N) = x U
         beta = (q[c] - products[1]) / sc
         new_row = products[2] - float(g_c_d @ uc) * beta + g[c, c] * beta
         self.t += (beta * (products[0] - products[3] + 2.0 * (uc @ gd)) - beta * beta * float(uc @ h)
                    + beta * new_row - 2.0 * g[c] * beta)
-        if d:  # rank-1 update U -= U_c beta^T in place (BLAS ger on the Fortran-ordered transpose)
-            _ger(-1.0, beta, uc, a=ud.T, overwrite_a=True)
+        if d:  # rank-1 update U -= U_c beta^T of the existing rows, delayed
+            self.pending_cols[:d, m] = uc
+            self.pending_rows[m] = beta
+            self.n_pending = m = m + 1
         self.u[d] = beta
+        if m == self.PENDING:
+            self._fold_pending(d + 1)
         self.g_rows[d] = g[c]
         self.g_dd[d, :d] = g_c_d
         self.g_dd[:d, d] = g_c_d
@@ -146,6 +161,14 @@ class BackwardGreedy:
         self.errors[d] = self.err
         self.d += 1
         return c
+
+
+    def _fold_pending(self, rows: int) -> None:
+        """``U_stored[:rows] -= P B``; no update pending afterwards."""
+        m = self.n_pending
+        self.u[:rows] -= self.pending_cols[:rows, :m] @ self.pending_rows[:m]
+        self.pending_cols[:rows, :m] = 0.0
+        self.n_pending = 0
 
 
 _TINY = 1e-300

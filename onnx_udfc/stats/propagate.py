@@ -36,6 +36,7 @@ import onnx
 
 from ..ir.graph import Graph, attr
 from ..ir.layers import tap_coverage, transpose_rows
+from ..numerics._gauss import ndtr, phi
 from ..numerics.moments import gaussian_activation_moments
 from ..patterns.activations import activation_of, canonical_activation, gated_product, single_input_step
 
@@ -73,17 +74,17 @@ def linear_moments(w: np.ndarray, b: Optional[np.ndarray], mean_in: np.ndarray, 
     cg = w.shape[1]
     kh, kw = w.shape[2], w.shape[3]
     taps = w.reshape(n, cg, kh * kw)
-    out_per_group = n // group
-    in_index = (np.arange(n) // out_per_group)[:, None] * cg + np.arange(cg)[None, :]  # (N, C/g)
-    mu = mean_in[in_index]
-    v = var_in[in_index]
-    mean = (taps.sum(axis=2) * mu).sum(axis=1)
     if kh * kw == 1:
-        quad = taps[:, :, 0] ** 2
+        quad = np.square(taps[:, :, 0])
+    else:  # quad[n, c] = taps[n, c] . R taps[n, c]
+        quad = np.einsum("nct,nct->nc", taps @ spatial_correlation(kh, kw, rho), taps)
+    sums = taps.sum(axis=2)  # (N, C/g)
+    if group == 1:
+        mean, var = sums @ mean_in, quad @ var_in
     else:
-        corr = spatial_correlation(kh, kw, rho)
-        quad = np.einsum("nct,ts,ncs->nc", taps, corr, taps, optimize=True)
-    var = (quad * v).sum(axis=1)
+        in_index = (np.arange(n) // (n // group))[:, None] * cg + np.arange(cg)[None, :]  # (N, C/g)
+        mean = np.einsum("nc,nc->n", sums, mean_in[in_index])
+        var = np.einsum("nc,nc->n", quad, var_in[in_index])
     if b is not None:
         mean = mean + np.asarray(b, dtype=np.float64).reshape(-1)
     return mean, var
@@ -142,10 +143,8 @@ def max_of_gaussians(mean: np.ndarray, var: np.ndarray, n: int, rho: float = POO
 
 def _iid_max_moments(n: int) -> Tuple[float, float]:
     """E and Var of the max of n iid N(0,1) by quadrature on a fine grid."""
-    from scipy.stats import norm
-
     x = np.linspace(-8, 8, 4001)
-    pdf = n * norm.pdf(x) * norm.cdf(x) ** (n - 1)
+    pdf = n * phi(x) * ndtr(x) ** (n - 1)
     dx = x[1] - x[0]
     m = float((x * pdf).sum() * dx)
     return m, float(((x - m) ** 2 * pdf).sum() * dx)

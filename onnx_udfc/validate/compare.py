@@ -7,7 +7,7 @@ the top-1 agreement over the batch rows. Names, shapes and dtypes of the outputs
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import numpy as np
 import onnx
@@ -39,22 +39,26 @@ def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], see
     return feeds
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: Union[onnx.ModelProto, bytes]):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: onnx.ModelProto, feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+def run_model(model: Union[onnx.ModelProto, bytes], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    """Outputs of `model` (a ModelProto or its serialised bytes) in onnxruntime, graph optimisations off."""
     return _session(model).run(None, feeds)
 
 
-def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, input_shapes: Dict[str, tuple],
-                   seed: int = 0, batch: int = 8) -> Dict[str, dict]:
-    """Metrics per output name; raises ValidationFailed when outputs differ in name, shape or dtype."""
+def compare_models(original: onnx.ModelProto, compressed: Union[onnx.ModelProto, bytes],
+                   input_shapes: Dict[str, tuple], seed: int = 0, batch: int = 8) -> Dict[str, dict]:
+    """Metrics per output name; raises ValidationFailed when outputs differ in name, shape or dtype.
+
+    `compressed` may be given serialised (the bytes onnx.checker passed)."""
     from ..ir.shapes import with_batch
 
     shapes = with_batch(original, input_shapes, batch)
@@ -64,11 +68,12 @@ def compare_models(original: onnx.ModelProto, compressed: onnx.ModelProto, input
     except Exception as exc:
         raise BadModelError(f"onnxruntime cannot run the input model: {str(exc).splitlines()[0][:300]}") from None
     try:
-        y1 = run_model(compressed, feeds)
+        session = _session(compressed)
+        y1 = session.run(None, feeds)
     except Exception as exc:
         raise ValidationFailed(f"onnxruntime cannot run the compressed model: {str(exc).splitlines()[0][:300]}") from None
     names0 = [o.name for o in original.graph.output]
-    names1 = [o.name for o in compressed.graph.output]
+    names1 = [o.name for o in session.get_outputs()]
     if names0 != names1:
         raise ValidationFailed(f"output names changed: {names0} -> {names1}")
     metrics = {}

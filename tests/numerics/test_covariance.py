@@ -148,3 +148,85 @@ def test_cov_to_corr_with_zero_variance():
     c = a @ a.T
     corr, std = cov_to_corr(c)
     np.testing.assert_allclose(corr * np.outer(std, std), c, rtol=1e-12, atol=1e-12)
+
+
+# --- blocked / lower-triangle evaluations against the formulas written out directly ------------------------------
+
+def _dense_conv_cov(w, var, rin, rho, group=1):
+    """``sym(W_s (Rin kron R) W_s^T)`` with the grouped weight scattered onto all input channels, via np.kron."""
+    n, cg = w.shape[:2]
+    tap_shape = w.shape[2:]
+    taps = list(itertools.product(*[range(k) for k in tap_shape]))
+    r_sp = np.array([[rho ** sum(abs(a - b) for a, b in zip(p, q)) for q in taps] for p in taps]).reshape(len(taps), -1)
+    dense = np.zeros((n, group * cg, len(taps)))
+    for o in range(n):
+        g = o // (n // group)
+        dense[o, g * cg:(g + 1) * cg] = w[o].reshape(cg, -1)
+    ws = (dense * np.sqrt(var)[None, :, None]).reshape(n, -1)
+    cov = ws @ np.kron(rin, r_sp) @ ws.T
+    return 0.5 * (cov + cov.T)
+
+
+@pytest.mark.parametrize("n,c,taps,group", [(200, 30, (3, 3), 1), (40, 250, (1, 1), 1), (300, 7, (), 1),
+                                            (160, 12, (3,), 4), (130, 1, (3, 3), 130)])
+@pytest.mark.parametrize("with_corr", [False, True])
+def test_conv_preactivation_covariance_blocked_matches_kron(n, c, taps, group, with_corr):
+    rng = np.random.default_rng(n + c)
+    w = rng.standard_normal((n, c) + taps)
+    var = rng.uniform(0.2, 3.0, group * c)
+    var[0] = 0.0
+    if with_corr:
+        a = rng.standard_normal((group * c, group * c + 1))
+        rin = a @ a.T
+        rin = rin / np.sqrt(np.outer(np.diag(rin), np.diag(rin)))
+        rin = rin + 1e-3 * rng.standard_normal(rin.shape)  # not symmetric: the result is the symmetric part
+    else:
+        rin = np.eye(group * c)
+    cov = conv_preactivation_covariance(w, var, 0.6, rin if with_corr else None, group=group)
+    ref = _dense_conv_cov(w, var, rin, 0.6, group)
+    np.testing.assert_allclose(cov, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    np.testing.assert_array_equal(cov, cov.T)
+
+
+def _cov_to_corr_direct(cov):
+    std = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    denom = np.outer(std, std)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.where(denom > 0, cov / np.where(denom > 0, denom, 1.0), 0.0)
+    corr = np.clip(0.5 * (corr + corr.T), -1.0, 1.0)
+    np.fill_diagonal(corr, 1.0)
+    return corr, std
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 300])
+@pytest.mark.parametrize("scale", [1.0, 1e-317, 1e300])
+def test_cov_to_corr_blocked_matches_direct(n, scale):
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n // 2 + 1))
+    cov = a @ a.T + 1e-3 * rng.standard_normal((n, n))  # asymmetric, some |corr| > 1
+    if n >= 3:
+        cov[1, :] = cov[:, 1] = 0.0  # zero variance channel
+        cov[2, 2] = -1.0  # negative variance: std 0
+    cov *= scale  # 1e-317: std_i std_j underflows to 0 for every pair
+    corr, std = cov_to_corr(cov)
+    ref_corr, ref_std = _cov_to_corr_direct(cov)
+    np.testing.assert_array_equal(std, ref_std)
+    np.testing.assert_allclose(corr, ref_corr, rtol=0, atol=1e-15)
+    np.testing.assert_array_equal(corr, corr.T)
+    assert np.all(np.isfinite(corr)) and np.all(np.abs(corr) <= 1.0)
+
+
+@pytest.mark.parametrize("n", [1, 4, 300])
+def test_nearest_psd_matches_eigenvalue_clipping(n):
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n))
+    asym = a @ a.T + 1e-6 * a  # positive definite up to a small asymmetry: returned symmetrised, unchanged
+    sym = 0.5 * (asym + asym.T)
+    np.testing.assert_array_equal(nearest_psd(asym), sym)
+    indefinite = sym - 0.5 * np.abs(np.linalg.eigvalsh(sym)).max() * np.eye(n)
+    vals, vecs = np.linalg.eigh(indefinite)
+    for floor in (0.0, 0.2):
+        ref = (vecs * np.maximum(vals, floor)) @ vecs.T
+        out = nearest_psd(indefinite, floor)
+        np.testing.assert_allclose(out, 0.5 * (ref + ref.T), rtol=0, atol=1e-12 * np.abs(ref).max())
+        np.testing.assert_array_equal(out, out.T)

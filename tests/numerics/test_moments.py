@@ -1,4 +1,5 @@
 import warnings
+from math import lgamma
 
 import numpy as np
 import pytest
@@ -6,8 +7,9 @@ from numpy.polynomial.hermite_e import HermiteE
 from scipy import integrate, special
 
 from onnx_udfc.numerics.activations import Activation
-from onnx_udfc.numerics.moments import (activation_covariance, gaussian_activation_moments, hermite_coefficients,
-                                        lagged_activation_covariance)
+from onnx_udfc.numerics.moments import (_row_blocks, _store_lower_block, activation_covariance,
+                                        gaussian_activation_moments, hermite_coefficients, lagged_activation_covariance,
+                                        tapped_activation_covariance)
 
 ACTS = [
     Activation("identity"),
@@ -235,3 +237,107 @@ def test_scaled_copy_covariance_is_exact(kind):
     mu, sigma = np.array([0.3, 0.6]), np.array([1.0, 2.0])
     cov = activation_covariance(mu, sigma, np.ones((2, 2)), act)
     np.testing.assert_allclose(cov[0, 1], 2 * cov[0, 0], rtol=1e-10)
+
+
+# --- blocked Horner evaluation against the series written out term by term ---------------------------------------
+
+SERIES_ACTS = [Activation("clip", lo=0.0, hi=6.0), Activation("relu"), Activation("silu"), Activation("hardswish"),
+               Activation("identity")]
+
+
+def _messy_corr(rng, n):
+    """A correlation matrix from Gaussian factors with an exact +-1 pair, then made slightly asymmetric and
+    pushed outside [-1, 1] (the functions symmetrise and clip)."""
+    f = rng.standard_normal((n, n + 2))
+    if n >= 4:
+        f[1], f[3] = f[0], -f[2]
+    c = f @ f.T
+    d = np.sqrt(np.diag(c))
+    c = c / np.outer(d, d)
+    return 1.001 * c + 1e-4 * rng.standard_normal((n, n))
+
+
+def _series_inputs(rng, n):
+    mu = rng.normal(0.5, 1.0, n)
+    sigma = rng.uniform(0.5, 2.0, n)
+    sigma[:: 7] = 0.0  # degenerate channels
+    return mu, sigma, _messy_corr(rng, n)
+
+
+def _direct_series(mu, sigma, act, order):
+    """Normalised coefficients chat (N, order+1), exact variances and tail rows, from the public functions."""
+    c = hermite_coefficients(mu, sigma, act, order)
+    chat = c / np.exp(0.5 * np.array([lgamma(k + 1.0) for k in range(order + 1)]))[None, :]
+    var = gaussian_activation_moments(mu, sigma, act)[1]
+    missing = np.sqrt(np.maximum(var - np.sum(chat[:, 1:] ** 2, axis=1), 0.0))
+    last = chat[:, max(1, order - 3):]
+    norms = np.linalg.norm(last, axis=1)
+    unit = np.divide(last, norms[:, None], out=np.zeros_like(last), where=norms[:, None] > 0)
+    return chat, var, missing[:, None] * unit
+
+
+@pytest.mark.parametrize("n", [1, 2, 9, 300])
+@pytest.mark.parametrize("order", [0, 1, 2, 16])
+def test_lagged_covariance_horner_matches_direct_sum(n, order):
+    rng = np.random.default_rng(100 + n + order)
+    mu, sigma, corr = _series_inputs(rng, n)
+    r = np.clip(0.5 * (corr + corr.T), -1.0, 1.0)
+    factors = np.array([1.0, 0.5, 0.0, -0.3])
+    for act in SERIES_ACTS:
+        chat, var, tail = _direct_series(mu, sigma, act, order)
+        lag = lagged_activation_covariance(mu, sigma, corr, act, factors, order=order)
+        for l_idx, f in enumerate(factors):
+            ref = sum(np.outer(chat[:, k], chat[:, k]) * (f * r) ** k for k in range(1, order + 1))
+            ref = ref + (tail @ tail.T) * (f * r) ** (order + 1)
+            if f == 1.0:
+                np.fill_diagonal(ref, var)
+            np.testing.assert_allclose(lag[l_idx], ref, rtol=0, atol=1e-13 * max(1.0, np.abs(ref).max()))
+            np.testing.assert_array_equal(lag[l_idx], lag[l_idx].T)  # exactly symmetric
+        np.testing.assert_array_equal(np.diag(lag[0]), var)  # exact variance at factor 1
+        np.testing.assert_array_equal(lag[2], 0.0)  # factor 0: exactly zero
+        np.testing.assert_array_equal(activation_covariance(mu, sigma, corr, act, order=order), lag[0])
+
+
+@pytest.mark.parametrize("n", [1, 5, 200])
+def test_tapped_covariance_horner_matches_direct_sum(n):
+    rng = np.random.default_rng(7 + n)
+    mu, sigma, corr = _series_inputs(rng, n)
+    r = np.clip(0.5 * (corr + corr.T), -1.0, 1.0)
+    taps = rng.standard_normal((n, 4))
+    tap_corr = rng.uniform(-0.9, 0.9, (4, 4))  # not symmetric: the result is the symmetric part
+    tap_corr[0, 0] = tap_corr[2, 2] = tap_corr[1, 3] = 1.0
+    order = 16
+    for act in SERIES_ACTS[:3]:
+        chat, var, tail = _direct_series(mu, sigma, act, order)
+        ref = np.zeros((n, n))
+        for k in range(1, order + 1):
+            scaled = chat[:, k:k + 1] * taps
+            ref += ((scaled @ tap_corr ** k) @ scaled.T) * r ** k
+        ref += ((taps @ tap_corr ** (order + 1)) @ taps.T) * (tail @ tail.T) * r ** (order + 1)
+        same = (tap_corr == 1.0).astype(np.float64)
+        series_diag = np.sum(chat[:, 1:] ** 2, axis=1) + np.sum(tail ** 2, axis=1)
+        ref[np.arange(n), np.arange(n)] += np.einsum("it,ts,is->i", taps, same, taps) * (var - series_diag)
+        ref = 0.5 * (ref + ref.T)
+        cov = tapped_activation_covariance(mu, sigma, corr, act, taps, tap_corr, order=order)
+        np.testing.assert_allclose(cov, ref, rtol=0, atol=1e-13 * max(1.0, np.abs(ref).max()))
+        np.testing.assert_array_equal(cov, cov.T)
+
+
+@pytest.mark.parametrize("n", [0, 1, 16, 129, 1000])
+def test_row_blocks_and_lower_block_store(n):
+    blocks = _row_blocks(n)
+    covered = [i for r0, r1 in blocks for i in range(r0, r1)]
+    assert covered == list(range(n)) and all(r1 > r0 for r0, r1 in blocks)  # consecutive, non-empty, 0..n
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n, n))
+    out = np.full((n, n), np.nan)
+    for r0, r1 in blocks:
+        _store_lower_block(out, x[r0:r1, :r1].copy(), r0, r1)
+    low = np.tril(np.ones((n, n), dtype=bool))
+    sym = 0.5 * (x + x.T)
+    same_block = np.zeros((n, n), dtype=bool)
+    for r0, r1 in blocks:
+        same_block[r0:r1, r0:r1] = True
+    np.testing.assert_array_equal(out[low & ~same_block], x[low & ~same_block])  # lower part stored as is
+    np.testing.assert_array_equal(out[same_block], sym[same_block])  # diagonal blocks symmetrised
+    np.testing.assert_array_equal(out, out.T)
