@@ -220,8 +220,11 @@ class Graph:
             while len(node.input) <= input_index:
                 node.input.append("")
             node.input[input_index] = new_name
-            self.invalidate()
-            self.refresh()
+            # the index stays valid: one new initializer read by `node`, one read of `name` fewer
+            self.initializers[new_name] = self.graph.initializer[len(self.graph.initializer) - 1]
+            self.consumers.setdefault(new_name, []).append(node)
+            if name and name not in node.input and name in self.consumers:
+                self.consumers[name] = [n for n in self.consumers[name] if n is not node]
             self._arrays.pop(new_name, None)
             return new_name
         value = np.array(array, order="C")  # a private copy: the caller may reuse its array
