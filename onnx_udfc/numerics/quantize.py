@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._rounding import balanced_round, round_half_away
+from ._rounding import _balance, _row_broadcast_buffers
 
 __all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "bias_correction", "SCALE_FLOOR"]
 
@@ -105,10 +105,65 @@ def quantization_grid(lo, hi, bits: int, symmetric: bool) -> tuple[np.ndarray, n
     return scale, zp
 
 
-def _nearest(w2, scale, zp, qmin, qmax):
-    """Nearest levels of w2 (N, D) on the grids (N,): (q, r) with r the real level positions."""
-    r = w2 / scale[:, None] + zp[:, None]
-    return np.clip(round_half_away(r), qmin, qmax), r
+#: elements per row block of the rounding (float64 temporaries) and of the clipping search (float32):
+#: the extra memory stays a few MiB and the passes stay in cache
+ROUND_BLOCK = 1 << 17
+SEARCH_BLOCK = 1 << 17
+
+
+def _row_blocks(n: int, d: int, block: int) -> list[slice]:
+    """Slices of consecutive rows of an (n, d) array, about ``block`` elements each (at least one row)."""
+    step = max(1, block // max(d, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _nearest_levels(w2, scale, zp, qmin, qmax):
+    """Nearest levels of w2 (N, D) on the grids (N,): (q, r, e), (N, D) float64, C-contiguous.
+
+    ``r = w / scale + zp`` are the real level positions, ``e = r - q`` the errors, and
+    ``q = clip(round_half_away(r))``: ``rint`` (ties to even) and clipping, then the ties (``|e| = 0.5``
+    exactly, ``r - q`` being exact) get the level away from zero instead. A tie clipped by more than
+    half a level keeps the end level either way.
+    """
+    r = w2.astype(np.float64, order="C")
+    with _row_broadcast_buffers(r.shape[1]):
+        r /= scale[:, None]
+        r += zp[:, None].astype(np.float64)
+    q = np.rint(r)
+    np.clip(q, qmin, qmax, out=q)
+    e = r - q
+    ties = np.abs(e) == 0.5
+    if ties.any():
+        rt = r[ties]
+        qt = np.clip(rt + np.copysign(0.5, rt), qmin, qmax)  # exact: rt + 0.5 is an integer
+        q[ties], e[ties] = qt, rt - qt
+    return q, r, e
+
+
+def _quantize_rows(w2, scale, zp, qmin, qmax, channels) -> np.ndarray:
+    """Grid values ``float32(q - zp) * float32(scale)`` of w2 (N, D), (N, D) float32.
+
+    Levels: nearest, then, if ``channels`` (C, dividing D) is given, balanced rounding of the
+    (N, C, D / C) kernels. Row blocks of ``ROUND_BLOCK`` elements: every output channel is independent.
+    """
+    n, d = w2.shape
+    out = np.empty((n, d), dtype=np.float32)
+    s32, z32 = scale.astype(np.float32)[:, None], zp.astype(np.float32)[:, None]
+    lock_lo, lock_hi = (qmin - zp) != 0, (qmax - zp) != 0
+    for rows in _row_blocks(n, d, ROUND_BLOCK):
+        q, r, e = _nearest_levels(w2[rows], scale[rows], zp[rows], qmin, qmax)
+        if channels is not None:
+            shape3 = (q.shape[0], channels, d // channels)
+            _balance(r.reshape(shape3), q.reshape(shape3), qmin, qmax, lock_lo[rows], lock_hi[rows],
+                     e=e.reshape(shape3))
+        del r, e
+        block = out[rows]
+        block[...] = q  # integers: exact in float32, and so are the steps below
+        with _row_broadcast_buffers(d):
+            block -= z32[rows]
+            block *= s32[rows]
+        block += np.float32(0.0)  # no -0.0
+    return out
 
 
 def _search_alpha(w2, lo, hi, tw, spec: QuantSpec) -> np.ndarray:
@@ -138,7 +193,8 @@ def _search_alpha(w2, lo, hi, tw, spec: QuantSpec) -> np.ndarray:
         if not valid.any():
             continue
         idx = np.clip(idx, 0, grid.size - 1)
-        err = np.where(valid, _clip_error(w2, lo, hi, tw, grid[idx], spec, buf), np.inf)
+        rows = None if valid.all() else np.flatnonzero(valid)  # the other rows' errors are not used
+        err = np.where(valid, _clip_error(w2, lo, hi, tw, grid[idx], spec, buf, rows), np.inf)
         # ties keep the larger alpha (the smaller index)
         better = (err < best_err) | ((err == best_err) & (idx < best_idx))
         best_err, best_idx = np.where(better, err, best_err), np.where(better, idx, best_idx)
@@ -154,20 +210,43 @@ def _keep_better(err, idx, best_err, best_idx):
     return np.where(better, idx, best_idx), np.where(better, err, best_err)
 
 
-def _clip_error(w2, lo, hi, tw, alpha, spec: QuantSpec, buf) -> np.ndarray:
-    """``sum_d tw[d] (w - Q(w))^2`` per channel for the grid of ``(alpha lo, alpha hi)``; alpha scalar or (N,)."""
+def _clip_error(w2, lo, hi, tw, alpha, spec: QuantSpec, buf, rows=None) -> np.ndarray:
+    """``sum_d tw[d] (w - Q(w))^2`` per channel for the grid of ``(alpha lo, alpha hi)``; alpha scalar or (N,).
+
+    ``w2``, ``buf``: (N, D) float32, ``tw`` (D,) float32. The squared errors are made in row blocks of
+    ``SEARCH_BLOCK`` elements (all passes in cache), the weighted sum is one matrix-vector product over
+    the whole buffer (the same call, so the same sums, whatever the blocks). ``rows``: only these
+    channels are wanted (sorted indices; None: all); the other rows of ``buf`` keep stale values and
+    their results are meaningless.
+    """
     qmin, qmax = _levels(spec.bits, spec.symmetric)
     scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
     s_col, z_col = scale[:, None].astype(w2.dtype), zp[:, None].astype(w2.dtype)
-    np.divide(w2, s_col, out=buf)
-    buf += z_col
-    np.rint(buf, out=buf)
-    np.clip(buf, qmin, qmax, out=buf)
-    buf -= z_col
-    buf *= s_col
-    np.subtract(w2, buf, out=buf)
-    np.square(buf, out=buf)
+    n, d = w2.shape
+    with _row_broadcast_buffers(d):
+        if rows is None:
+            for blk in _row_blocks(n, d, SEARCH_BLOCK):
+                _squared_errors(w2[blk], s_col[blk], z_col[blk], qmin, qmax, buf[blk])
+        else:
+            for blk in _row_blocks(rows.size, d, SEARCH_BLOCK):
+                sel = rows[blk]
+                w_sel = np.take(w2, sel, axis=0)
+                b = np.empty_like(w_sel)
+                _squared_errors(w_sel, s_col[sel], z_col[sel], qmin, qmax, b)
+                buf[sel] = b
     return buf @ tw
+
+
+def _squared_errors(w, s, z, qmin, qmax, out) -> None:
+    """``out = (w - (clip(rint(w / s + z), qmin, qmax) - z) * s) ** 2``: w, out (m, D) float32, s, z (m, 1)."""
+    np.divide(w, s, out=out)
+    out += z
+    np.rint(out, out=out)
+    np.clip(out, qmin, qmax, out=out)
+    out -= z
+    out *= s
+    np.subtract(w, out, out=out)
+    np.square(out, out=out)
 
 
 def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,8 +273,11 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.n
     if w.ndim < 1 or w.shape[0] == 0:
         raise ValueError("w must have at least one output channel on axis 0")
     n = w.shape[0]
-    w2 = w.reshape(n, -1).astype(np.float64)
-    if not np.all(np.isfinite(w2)):
+    w2 = w.reshape(n, -1)
+    if w2.dtype not in (np.float32, np.float64):
+        w2 = w2.astype(np.float64)
+    lo, hi = w2.min(axis=1).astype(np.float64), w2.max(axis=1).astype(np.float64)  # exact in float64
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):  # NaN or inf anywhere shows here
         raise ValueError("w contains non-finite values")
     if tap_weight is None:
         tw = np.ones(w2.shape[1])
@@ -203,21 +285,15 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.n
         tw = np.broadcast_to(np.asarray(tap_weight, dtype=np.float64), w.shape[1:]).reshape(-1)
         if np.any(tw < 0) or not np.all(np.isfinite(tw)):
             raise ValueError("tap_weight must be finite and nonnegative")
-    lo, hi = w2.min(axis=1), w2.max(axis=1)
     # the search only ranks candidate grids: float32 halves its memory traffic
-    alpha = _search_alpha(w2.astype(np.float32), lo, hi, tw.astype(np.float32), spec)
+    alpha = _search_alpha(w2.astype(np.float32, copy=False), lo, hi, tw.astype(np.float32), spec)
     scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
     qmin, qmax = _levels(spec.bits, spec.symmetric)
-    q, r = _nearest(w2, scale, zp, qmin, qmax)
-    if spec.rounding == "balanced":
-        c = w.shape[1] if w.ndim >= 2 else 1
-        shape3 = (n, c, w2.shape[1] // c)
-        lock_lo, lock_hi = (qmin - zp) != 0, (qmax - zp) != 0
-        q = balanced_round(r.reshape(shape3), q.reshape(shape3), qmin, qmax, lock_lo, lock_hi).reshape(n, -1)
-    w_q = (q - zp[:, None]).astype(np.float32) * scale.astype(np.float32)[:, None] + np.float32(0.0)  # no -0.0
+    channels = (w.shape[1] if w.ndim >= 2 else 1) if spec.rounding == "balanced" else None
+    w_q = _quantize_rows(w2, scale, zp, qmin, qmax, channels)
     log.debug("fake_quantize: %d channels, %d bits, mean alpha %.3f", n, spec.bits, float(alpha.mean()))
     out_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
-    return w_q.reshape(w.shape).astype(out_dtype), scale, zp
+    return w_q.reshape(w.shape).astype(out_dtype, copy=False), scale, zp
 
 
 def bias_correction(w, w_q, input_mean, group: int = 1) -> np.ndarray:

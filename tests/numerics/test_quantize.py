@@ -3,6 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from onnx_udfc.numerics import _rounding
+from onnx_udfc.numerics import quantize as quantize_mod
 from onnx_udfc.numerics.quantize import QuantSpec, bias_correction, fake_quantize, quantization_grid
 
 SHAPES = [(16, 8, 3, 3), (24, 1, 3, 3), (10, 20), (8, 16, 1, 1), (6, 4, 5)]
@@ -215,3 +217,189 @@ def test_bias_correction_gemm():
     w_q = fake_quantize(w, QuantSpec(4))[0]
     mean = rng.normal(0, 1, 12)
     np.testing.assert_allclose(bias_correction(w, w_q, mean), (w.astype(np.float64) - w_q) @ mean, rtol=1e-12)
+
+
+# --- the fast rounding equals the plain formulation (stable argsorts, -inf for forbidden flips) ---
+
+
+def _plain_round_half_away(x):
+    t = np.trunc(x)
+    return t + np.sign(x) * (np.abs(x - t) >= 0.5)
+
+
+def _plain_take_top(score, k, axis):
+    """First k entries of a stable descending argsort along `axis`, finite scores only."""
+    order = np.argsort(-score, axis=axis, kind="stable")
+    ranked = np.take_along_axis(score, order, axis=axis)
+    shape = [1] * score.ndim
+    shape[axis] = -1
+    take_sorted = (np.arange(score.shape[axis]).reshape(shape) < np.expand_dims(k, axis)) & np.isfinite(ranked)
+    take = np.zeros_like(take_sorted)
+    np.put_along_axis(take, order, take_sorted, axis=axis)
+    return take
+
+
+def _plain_balanced_round(r, q, qmin, qmax, lock_lo, lock_hi):
+    """The original argsort-based balanced rounding (see onnx_udfc.numerics._rounding)."""
+    def scores(e, q, d):
+        s = d * e
+        target = q + d
+        ok = (s > 0) & (target >= qmin) & (target <= qmax)
+        ok &= ~((q == qmin) & lock_lo & (d > 0))
+        ok &= ~((q == qmax) & lock_hi & (d < 0))
+        return np.where(ok, s, -np.inf)
+
+    def n_flips(total):
+        return np.maximum(np.ceil(np.abs(total) - 0.5), 0.0)
+
+    q = q.copy()
+    lock_lo = np.asarray(lock_lo, dtype=bool)[:, None, None]
+    lock_hi = np.asarray(lock_hi, dtype=bool)[:, None, None]
+    e = r - q
+    ksum = e.sum(axis=2)
+    sgn = np.sign(ksum)[:, :, None]
+    q += sgn * _plain_take_top(scores(e, q, sgn), n_flips(ksum), axis=2)
+    e = r - q
+    ksum = e.sum(axis=2)
+    osum = ksum.sum(axis=1)
+    osgn = np.sign(osum)[:, None, None]
+    score = scores(e, q, osgn)
+    best_tap = np.argmax(score, axis=2)[:, :, None]
+    best = np.take_along_axis(score, best_tap, axis=2)[:, :, 0]
+    best = np.where(osgn[:, :, 0] * ksum > 0, best, -np.inf)
+    flip = np.zeros(q.shape, dtype=bool)
+    np.put_along_axis(flip, best_tap, _plain_take_top(best, n_flips(osum), axis=1)[:, :, None], axis=2)
+    return q + osgn * flip
+
+
+def _tied_levels(rng, shape, qmin, qmax, mode):
+    """Positions r and nearest levels q with many exactly equal errors (ties everywhere)."""
+    if mode == "quarters":  # errors in {0, +-0.25, +-0.5}, positions beyond the range too
+        r = np.round(rng.uniform(qmin - 1.5, qmax + 1.5, shape) * 4) / 4
+        return r, np.clip(_plain_round_half_away(r), qmin, qmax)
+    if mode == "random":
+        r = rng.uniform(qmin - 2, qmax + 2, shape)
+        return r, np.clip(_plain_round_half_away(r), qmin, qmax)
+    # any integer levels: large errors, several flips per kernel
+    q = rng.integers(int(qmin), int(qmax) + 1, shape).astype(np.float64)
+    return q + rng.choice([-0.5, -0.375, -0.25, 0.0, 0.25, 0.375, 0.5, 1.25, -2.0], shape), q
+
+
+def test_round_half_away_matches_plain_formula():
+    x = np.r_[np.arange(-6, 6, 0.25), np.nextafter(0.5, 0), -np.nextafter(0.5, 0), 2.5 - 2.0**-51,
+              np.random.default_rng(11).normal(0, 50, 1000)]
+    for dtype in (np.float64, np.float32):
+        got = _rounding.round_half_away(x.astype(dtype))
+        assert got.dtype == dtype and np.array_equal(got, _plain_round_half_away(x.astype(dtype)))
+    assert np.array_equal(_rounding.round_half_away(np.array([0.5, 1.5, 2.5, -0.5, -2.5])), [1, 2, 3, -1, -3])
+
+
+def test_top_taps_equals_stable_argsort_selection():
+    rng = np.random.default_rng(12)
+    for t in (1, 2, 3, 9, 25):
+        score = rng.choice([-1.0, 0.0, 0.125, 0.25, 0.375, 0.5], size=(400, t))  # many ties, <= 0 forbidden
+        score += (rng.random(score.shape) < 0.2) * rng.random(score.shape)  # some distinct values too
+        k = rng.integers(0, t + 2, 400).astype(float)
+        plain = _plain_take_top(np.where(score > 0, score, -np.inf), k, axis=1)
+        assert np.array_equal(_rounding._top_taps(score, k), plain)
+
+
+@pytest.mark.parametrize("c", [1, 2, 7, 64, 300])
+def test_top_kernels_equals_stable_argsort_selection(c):
+    rng = np.random.default_rng(13 + c)
+    best = rng.choice([0.0, -0.5, 0.1, 0.2, 0.3, 0.4], size=(50, c)) + (rng.random((50, c)) < 0.5) * rng.random((50, c))
+    best[:5] = 0.25  # whole rows tied
+    k = rng.integers(1, c + 3, 50).astype(float)
+    rows, cols = _rounding._top_kernels(best, k)
+    got = np.zeros(best.shape, dtype=bool)
+    got[rows, cols] = True
+    assert rows.size == np.count_nonzero(got)  # no duplicates
+    assert np.array_equal(got, _plain_take_top(np.where(best > 0, best, -np.inf), k, axis=1))
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 9, 25])
+@pytest.mark.parametrize("mode", ["quarters", "random", "levels"])
+def test_balanced_round_equals_plain_formulation(t, mode):
+    rng = np.random.default_rng(hash((t, mode)) % 2**32)
+    for trial in range(12):
+        n, c = int(rng.integers(1, 9)), int(rng.integers(1, 40))
+        qmin, qmax = (0.0, float(2 ** rng.integers(1, 7) - 1)) if trial % 2 else (-3.0, 3.0)
+        r, q = _tied_levels(rng, (n, c, t), qmin, qmax, mode)
+        lock_lo, lock_hi = rng.random(n) < 0.7, rng.random(n) < 0.7
+        expected = _plain_balanced_round(r, q, qmin, qmax, lock_lo, lock_hi)
+        got = _rounding.balanced_round(r, q, qmin, qmax, lock_lo, lock_hi)
+        assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        got_f = _rounding.balanced_round(np.asfortranarray(r), q, qmin, qmax, lock_lo, lock_hi)
+        assert np.array_equal(got_f, expected)
+
+
+def _plain_fake_quantize_max(w, bits, symmetric, balanced):
+    """fake_quantize with clip="max" written plainly (no row blocks, plain rounding)."""
+    n = w.shape[0]
+    w2 = w.reshape(n, -1).astype(np.float64)
+    scale, zp = quantization_grid(w2.min(axis=1), w2.max(axis=1), bits, symmetric)
+    qmin, qmax = _levels(bits, symmetric)
+    r = w2 / scale[:, None] + zp[:, None]
+    q = np.clip(_plain_round_half_away(r), qmin, qmax)
+    if balanced:
+        shape3 = (n, w.shape[1] if w.ndim >= 2 else 1, -1)
+        q = _plain_balanced_round(r.reshape(shape3), q.reshape(shape3), qmin, qmax,
+                                  (qmin - zp) != 0, (qmax - zp) != 0).reshape(n, -1)
+    w_q = (q - zp[:, None]).astype(np.float32) * scale.astype(np.float32)[:, None] + np.float32(0.0)
+    return w_q.reshape(w.shape), scale, zp
+
+
+def _awkward_weights(rng, shape, kind):
+    w = _weights(rng, shape)
+    n = shape[0]
+    if kind == "dup":
+        w = np.round(w * 4) / 4  # duplicated values, exact zeros
+    elif kind == "ties":  # values exactly half-way between levels of a 3-bit grid with scale 1/16
+        flat = w.reshape(n, -1)
+        z = rng.integers(0, 8, n)
+        flat[:] = (np.clip(rng.integers(-8, 8, flat.shape), -z[:, None], 7 - z[:, None])
+                   + rng.choice([0.0, 0.5], flat.shape)) / 16
+        flat[:, 0], flat[:, -1] = -z / 16, (7 - z) / 16
+    elif kind == "flat":
+        w[0] = 0.0
+        w[min(1, n - 1)] = 0.375  # constant channel
+    return w.astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(40, 16, 3, 3), (24, 1, 3, 3), (33, 70), (16, 8, 1, 1), (5, 3, 1, 7), (1, 1, 1, 1)])
+@pytest.mark.parametrize("kind", ["normal", "dup", "ties", "flat"])
+def test_fake_quantize_equals_plain_formulation(shape, kind, monkeypatch):
+    monkeypatch.setattr(quantize_mod, "ROUND_BLOCK", 200)  # many row blocks
+    rng = np.random.default_rng(hash((shape, kind)) % 2**32)
+    w = _awkward_weights(rng, shape, kind)
+    for bits in (3, 4, 6, 8) if kind != "ties" else (3,):
+        for symmetric in (False, True):
+            for balanced in (False, True):
+                spec = QuantSpec(bits, symmetric, clip="max", rounding="balanced" if balanced else "nearest")
+                got = fake_quantize(w, spec)
+                expected = _plain_fake_quantize_max(w, bits, symmetric, balanced)
+                for a, b in zip(got, expected):
+                    assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_clipping_search_does_not_depend_on_blocks(monkeypatch):
+    rng = np.random.default_rng(14)
+    w = (rng.laplace(size=(37, 12, 3, 3)) * rng.uniform(0.1, 2, (37, 1, 1, 1))).astype(np.float32)
+    tw = rng.uniform(0.0, 2.0, size=(12, 1, 1))
+    for spec in (QuantSpec(4), QuantSpec(6, symmetric=True, clip_steps=33), QuantSpec(2, clip_min=0.5)):
+        base = fake_quantize(w, spec, tap_weight=tw)
+        monkeypatch.setattr(quantize_mod, "SEARCH_BLOCK", 300)
+        monkeypatch.setattr(quantize_mod, "ROUND_BLOCK", 250)
+        small = fake_quantize(w, spec, tap_weight=tw)
+        monkeypatch.undo()
+        for a, b in zip(base, small):
+            assert np.array_equal(a, b)
+    # the errors of a subset of channels are those of the full computation
+    w2 = w.reshape(37, -1)
+    lo, hi = w2.min(axis=1).astype(np.float64), w2.max(axis=1).astype(np.float64)
+    alpha = rng.uniform(0.3, 1.0, 37)
+    tw32 = np.broadcast_to(tw, w.shape[1:]).reshape(-1).astype(np.float32)
+    full = quantize_mod._clip_error(w2, lo, hi, tw32, alpha, QuantSpec(4), np.empty_like(w2))
+    rows = np.flatnonzero(rng.random(37) < 0.4)
+    part = quantize_mod._clip_error(w2, lo, hi, tw32, alpha, QuantSpec(4), np.zeros_like(w2), rows)
+    assert np.array_equal(part[rows], full[rows])
