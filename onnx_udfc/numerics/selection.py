@@ -62,12 +62,23 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
         if info == 0:
             inverse, info = dpotri(factor, lower=1)
             if info == 0:
-                q = np.tril(inverse)
-                q += np.tril(inverse, -1).T
-                return q
+                return _mirror_lower(inverse)
     log.debug("select_by_expected_error: covariance not positive definite, using pinv")
     q = np.linalg.pinv(a)
     return 0.5 * (q + q.T)
+
+
+def _mirror_lower(a: np.ndarray, block: int = 256) -> np.ndarray:
+    """``a`` (N, N) made symmetric in place from its lower triangle (the upper one is overwritten), by
+    row blocks: no N x N temporary (np.tril builds a mask and a copy)."""
+    n = a.shape[0]
+    for r0 in range(0, n, block):
+        r1 = min(r0 + block, n)
+        a[r0:r1, r1:] = a[r1:, r0:r1].T
+        diag = a[r0:r1, r0:r1]
+        upper = np.triu_indices(r1 - r0, 1)
+        diag[upper] = diag.T[upper]
+    return a
 
 
 class BackwardGreedy:

@@ -49,13 +49,13 @@ class FoldBatchNormPass(Pass):
             step_bn = self._fold_batchnorms(ctx)
             step_affine = self._fold_affine_ops(ctx)
             folded, affine = folded + step_bn, affine + step_affine
-            if not step_affine:
+            if not step_affine and not step_bn:
                 break
         return PassResult(folded > 0 or affine > 0, {"folded": folded, "affine_ops_folded": affine})
 
     def _fold_batchnorms(self, ctx: PassContext) -> int:
         graph = ctx.graph
-        folded = 0
+        folded = []
         for bn in [n for n in graph.topological_nodes() if n.op_type == "BatchNormalization"]:
             producer = graph.producer_of(bn.input[0])
             if producer is None or producer.op_type not in ("Conv", "Gemm"):
@@ -71,11 +71,13 @@ class FoldBatchNormPass(Pass):
             gamma, beta = params[0], params[1]
             out = bn.output[0]
             producer.output[0] = out
-            graph.remove_nodes([bn])
             ctx.priors[out] = bn_prior(gamma, beta)
             ctx.layer(producer)["bn_folded"] = bn.name or out
-            folded += 1
-        return folded
+            folded.append(bn)
+        # removed together at the end: one index rebuild instead of one per BN (the index is stale for the
+        # folded outputs meanwhile, which only a BN reading another BN's output would see: it folds next round)
+        graph.remove_nodes(folded)
+        return len(folded)
 
     def _fold_affine_ops(self, ctx: PassContext) -> int:
         """Fold `Mul/Add/Sub/Div` by per-channel constants that directly follow a Conv/Gemm (see module doc)."""

@@ -128,10 +128,11 @@ class _Accumulator:
         self.outer = None
 
     def add(self, t: np.ndarray) -> None:
-        c = t.shape[1]
-        a = np.moveaxis(t, 1, -1).reshape(t.shape[0], -1, c)
-        step = max(1, a.shape[1] // MAX_POSITIONS_PER_IMAGE)
-        a = np.ascontiguousarray(a[:, ::step].reshape(-1, c), dtype=np.float32)
+        b, c = t.shape[:2]
+        flat = t.reshape(b, c, -1)  # (B, C, positions)
+        step = max(1, flat.shape[2] // MAX_POSITIONS_PER_IMAGE)
+        # positions subsampled before the transpose: only the rows kept are copied, (B * P, C)
+        a = np.ascontiguousarray(flat[:, :, ::step].transpose(0, 2, 1), dtype=np.float32).reshape(-1, c)
         if self.total is None:
             self.total, self.outer = np.zeros(c), np.zeros((c, c))
         self.n += a.shape[0]
@@ -142,8 +143,11 @@ class _Accumulator:
 
     def result(self) -> Moments:
         mean = self.total / self.n
-        cov = self.outer / self.n - np.outer(mean, mean)
-        return mean, 0.5 * (cov + cov.T)
+        cov = self.outer / self.n
+        cov -= np.outer(mean, mean)
+        cov += cov.T  # numpy buffers the overlapping transpose
+        cov *= 0.5
+        return mean, cov
 
 
 class SampledStatistics(AnalyticStatistics):

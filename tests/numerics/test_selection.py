@@ -107,3 +107,18 @@ def test_large_case_is_fast():
     seconds, size = res.stdout.split()
     assert int(size) == 288
     assert float(seconds) < 2.0
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 300, 600])
+def test_precision_is_the_exact_symmetric_inverse_of_the_ridged_covariance(n):
+    from onnx_udfc.numerics.selection import _mirror_lower, _precision
+
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((n, n))
+    np.testing.assert_array_equal(_mirror_lower(a.copy(), block=64), np.tril(a) + np.tril(a, -1).T)
+    f = rng.standard_normal((n, max(1, n // 2)))
+    cov = f @ f.T / max(1, n // 2)
+    q = _precision(cov, 0.1)
+    np.testing.assert_array_equal(q, q.T)
+    ridged = cov + 0.1 * np.mean(np.diag(cov)) * np.eye(n)
+    np.testing.assert_allclose(q @ ridged, np.eye(n), atol=1e-9)
