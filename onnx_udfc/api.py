@@ -14,12 +14,12 @@ from .errors import PassError, UsageError, ValidationFailed
 from .ir.graph import Graph
 from .ir.io import check_supported
 from .ir.layers import LINEAR_OPS, read_layer
-from .ir.shapes import resolve_input_shapes
+from .ir.shapes import infer_static_shapes, resolve_input_shapes
 from .passes.base import PassContext, PassManager
 from .passes.compress import CleanupPass, CompressLayersPass, StatisticsPass
 from .passes.fold_bn import FoldBatchNormPass
 from .passes.normalize import NormalizeGraphPass
-from .report.metrics import count_macs, count_params
+from .report.metrics import at_batch_one, count_macs, count_params
 from .report.report import ModelSize, Report
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,16 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
         check_supported(model)
     shapes = resolve_input_shapes(model, opts.input_shapes)
     input_bytes = checked_input_bytes if checked_input_bytes is not None else model.ByteSize()
-    before = ModelSize(count_params(model), input_bytes, count_macs(model, shapes))
+    # the input's shapes at batch 1, inferred once: the MACs before and after (pruning changes channels,
+    # not positions) and, when the run is at batch 1 too, the shapes static inference cannot find later
+    shapes_one = infer_static_shapes(model, at_batch_one(shapes))
+    before = ModelSize(count_params(model), input_bytes, count_macs(model, shapes, shapes=shapes_one))
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
-    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes, original=model)
+    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes, original=model,
+                      original_shapes=shapes_one if at_batch_one(shapes) == shapes else None)
     records = []
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
@@ -84,7 +88,7 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
         options=opts.to_dict(),
         statistics_source=ctx.stats.source if ctx.stats is not None else "not needed",
         before=before,
-        after=ModelSize(count_params(out), len(serialized), count_macs(out, shapes)),
+        after=ModelSize(count_params(out), len(serialized), count_macs(out, shapes, shapes=shapes_one)),
         layers=_layer_records(ctx),
         coupled_groups=ctx.coupled_groups,
         passes=records,

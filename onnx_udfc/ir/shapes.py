@@ -86,10 +86,14 @@ def with_batch(model: onnx.ModelProto, input_shapes: Dict[str, Shape], batch: in
     return out
 
 
-def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) -> Dict[str, Shape]:
+def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape],
+                        known: Optional[Dict[str, Shape]] = None) -> Dict[str, Shape]:
     """Shapes of every tensor when the inputs have `input_shapes` (model is not modified).
 
-    Returns only fully static shapes; tensors whose shape stays unknown are absent.
+    Returns only fully static shapes; tensors whose shape stays unknown are absent. `known`: shapes found
+    earlier for tensors of the same name in a model with the same inputs and the same shapes for them (the
+    input model, before BN folding): where static inference fails, they are used before running the model
+    in onnxruntime (a run of the whole model, per call, on TF-style exports with computed pads).
     """
     m = weightless_copy(model)
     del m.graph.value_info[:]
@@ -115,6 +119,9 @@ def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape]) 
     for t in inferred.graph.initializer:
         shapes[t.name] = tuple(t.dims)
     missing = [o for n in model.graph.node if n.op_type in _SHAPE_NEEDED for o in n.output[:1] if o not in shapes]
+    if missing and known:
+        shapes.update((o, known[o]) for o in missing if o in known)
+        missing = [o for o in missing if o not in shapes]
     if missing:
         found = _shapes_from_a_run(model, input_shapes, missing)
         if not found:  # a Pad on an integer tensor makes the float-typed probe fail: retry without Pads

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import onnx
 
@@ -47,6 +47,7 @@ class PassContext:
     quant_noise: Dict[str, Any] = field(default_factory=dict)
     residual_noise: Dict[str, Any] = field(default_factory=dict)
     original: Any = None  # the input ModelProto, read-only (synthetic statistics run it)
+    original_shapes: Optional[Dict[str, tuple]] = None  # the input's inferred shapes, when at `input_shapes`
     chains: List[Any] = field(default_factory=list)
     rejections: List[Any] = field(default_factory=list)
     coupled_groups: List[List[str]] = field(default_factory=list)

@@ -33,7 +33,7 @@ class StatisticsPass(Pass):
     name = "statistics"
 
     def run(self, ctx: PassContext) -> PassResult:
-        ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes)
+        ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes, known=ctx.original_shapes)
         ctx.chains, ctx.rejections = ChainFinder(ctx.graph, ctx.shapes).find()
         ctx.coupled_groups = coupled_groups(ctx.graph)
         kind = ctx.options.statistics
@@ -42,7 +42,8 @@ class StatisticsPass(Pass):
         sampled = {"synthetic": SampledStatistics, "combined": CombinedStatistics}.get(kind)
         if sampled is not None and ctx.options.prune > 0 and ctx.chains and _single_image_input(ctx):
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.original, ctx.chains,
-                                ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed)
+                                ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
+                                original_shapes=ctx.original_shapes)
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")

@@ -31,11 +31,10 @@ from .model import AnalyticStatistics, Moments
 log = logging.getLogger(__name__)
 
 MAX_POSITIONS_PER_IMAGE = 1024
-#: images per onnxruntime run (and per batch-statistics BN). 4 rather than 8: 100 MB less at peak on
-#: MobileNetV2 and accuracy within the noise of the 500-image sample (prune 0.1 + W8, top-1 / agreement with 4
-#: and with 8: MobileNetV2 0.794 / 0.900 and 0.786 / 0.902, EfficientNet-Lite0 0.834 / 0.892 and 0.844 / 0.900;
-#: prune 0.3 + W8: MobileNetV2 0.610 / 0.654 and 0.610 / 0.652, EfficientNet-Lite0 0.582 / 0.606 and 0.560 / 0.584)
-RUN_BATCH = 4
+#: images per onnxruntime run (and per batch-statistics BN). 4 would save 100 MB at peak on MobileNetV2 but
+#: loses at high ratios (ImageNet sample, prune 0.5 + W8 top-1 with 4 / with 8: MobileNetV2 0.178 / 0.204,
+#: EfficientNet-Lite0 0.154 / 0.178; at prune 0.1 and 0.3 the two are within the sample's noise)
+RUN_BATCH = 8
 
 
 def pink_noise(shape: Sequence[int], seed: int = 0, exponent: float = 1.0) -> np.ndarray:
@@ -158,7 +157,8 @@ class SampledStatistics(AnalyticStatistics):
     def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
                  original: onnx.ModelProto, chains: List[Chain], input_shapes: Dict[str, tuple],
                  samples: int = 32, seed: int = 0, inputs: Optional[np.ndarray] = None,
-                 batch_norm: str = "batch", batch: int = RUN_BATCH):
+                 batch_norm: str = "batch", batch: int = RUN_BATCH,
+                 original_shapes: Optional[Dict[str, tuple]] = None):
         super().__init__(graph, shapes, priors)
         names = sorted({c.last_stage.output for c in chains})
         self._measured: Dict[str, Moments] = {}
@@ -181,7 +181,8 @@ class SampledStatistics(AnalyticStatistics):
 
         from ..ir.shapes import infer_static_shapes
 
-        orig_shapes = infer_static_shapes(original, input_shapes)  # BN inputs vanished from the folded graph
+        # BN inputs vanished from the folded graph: the original's shapes (only their ranks are read)
+        orig_shapes = original_shapes if original_shapes is not None else infer_static_shapes(original, input_shapes)
         probe = batch_statistics_probe(original, names, orig_shapes, batch_norm=batch_norm)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # deterministic sums, identical output bytes on every machine
