@@ -118,6 +118,49 @@ def _batch_normalisation(node: onnx.NodeProto, p: str, rank: int, opset: int):
     return nodes, inits
 
 
+def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tuple]) -> Dict[str, Optional[tuple]]:
+    """Make `probe` output, for each tensor in `names`, its per-channel sums over the probed positions
+    instead of the feature map (in place). Returns name -> (sum output, Gram output, positions kept per image),
+    or None where the shape is unknown (that tensor stays an output as it is).
+
+    With ``X`` (B, C, P) the tensor's positions (every `step`-th, ``step = max(1, P // 1024)``, as
+    `_Accumulator.add` takes them): ``sum = sum_{b,p} X[b, :, p]`` (C,) and
+    ``gram = sum_b X[b] X[b]^T`` (C, C), both float32 in onnxruntime. The feature maps never leave
+    onnxruntime: no copy of them per run, and the outputs are C x C instead of B x C x H x W.
+    """
+    g = probe.graph
+    opset = next((i.version for i in probe.opset_import if i.domain in ("", "ai.onnx")), 13)
+    del g.output[:]
+    plan: Dict[str, Optional[tuple]] = {}
+    for index, name in enumerate(names):
+        shape = shapes.get(name)
+        if shape is None or len(shape) < 2 or opset < 13:
+            g.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            plan[name] = None
+            continue
+        positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        step = max(1, positions // MAX_POSITIONS_PER_IMAGE)
+        p = f"udfc_gram{index}_"
+        inits = {p + "shape": np.array([0, int(shape[1]), -1], np.int64), p + "axes02": np.array([0, 2], np.int64),
+                 p + "axes0": np.array([0], np.int64)}
+        nodes = [helper.make_node("Reshape", [name, p + "shape"], [p + "flat"])]
+        flat = p + "flat"
+        if step > 1:
+            inits.update({p + "start": np.array([0], np.int64), p + "end": np.array([positions], np.int64),
+                          p + "axis": np.array([2], np.int64), p + "step": np.array([step], np.int64)})
+            nodes.append(helper.make_node("Slice", [flat, p + "start", p + "end", p + "axis", p + "step"], [p + "sub"]))
+            flat = p + "sub"
+        nodes += [helper.make_node("Transpose", [flat], [p + "t"], perm=[0, 2, 1]),
+                  helper.make_node("MatMul", [flat, p + "t"], [p + "grams"]),
+                  helper.make_node("ReduceSum", [p + "grams", p + "axes0"], [p + "gram"], keepdims=0),
+                  helper.make_node("ReduceSum", [flat, p + "axes02"], [p + "sum"], keepdims=0)]
+        g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+        g.node.extend(nodes)
+        g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
+        plan[name] = (p + "sum", p + "gram", len(range(0, positions, step)))
+    return plan
+
+
 class _Accumulator:
     """Running sums for the mean and covariance of the channels (axis 1) of a tensor."""
 
@@ -139,6 +182,14 @@ class _Accumulator:
         # error of 32 images), accumulated over batches in float64; half the time of a float64 product
         self.total += a.sum(axis=0, dtype=np.float64)
         self.outer += a.T @ a
+
+    def add_sums(self, total: np.ndarray, gram: np.ndarray, rows: int) -> None:
+        """Sums computed elsewhere (`gram_outputs`): total (C,), gram (C, C) over `rows` rows."""
+        if self.total is None:
+            self.total, self.outer = np.zeros(total.shape[0]), np.zeros(gram.shape)
+        self.n += int(rows)
+        self.total += total
+        self.outer += gram
 
     def result(self) -> Moments:
         mean = self.total / self.n
@@ -184,6 +235,8 @@ class SampledStatistics(AnalyticStatistics):
         # BN inputs vanished from the folded graph: the original's shapes (only their ranks are read)
         orig_shapes = original_shapes if original_shapes is not None else infer_static_shapes(original, input_shapes)
         probe = batch_statistics_probe(original, names, orig_shapes, batch_norm=batch_norm)
+        plan = gram_outputs(probe, names, orig_shapes)
+        fetch = [o for n in names for o in (plan[n][:2] if plan[n] else (n,))]
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # deterministic sums, identical output bytes on every machine
         opts.log_severity_level = 3
@@ -192,9 +245,14 @@ class SampledStatistics(AnalyticStatistics):
         # batch-statistics BN wants the largest batch the model accepts
         step = run_batch
         for start in range(0, len(inputs), step):
-            values = session.run(names, {input_name: inputs[start:start + step]})
-            for name, value in zip(names, values):
-                accumulators[name].add(value)
+            batch_inputs = inputs[start:start + step]
+            values = dict(zip(fetch, session.run(fetch, {input_name: batch_inputs})))
+            for name in names:
+                if plan[name] is None:
+                    accumulators[name].add(values[name])
+                else:
+                    total, gram, kept = plan[name]
+                    accumulators[name].add_sums(values[total], values[gram], len(batch_inputs) * kept)
         self._measured = {n: acc.result() for n, acc in accumulators.items()}
         self.source = (f"{self.label}channel covariances from {len(inputs)} synthetic pink-noise images pushed through the "
                        f"model with every BN normalising by its batch statistics (seed {seed}); "
