@@ -67,12 +67,12 @@ class Graph:
         the protobuf arena until the model is freed, so writing each weight once keeps memory near the size
         of the input plus the output model.
         """
-        for name, array in self._pending.items():
-            tensor = self.initializers.get(name) if self._index_valid else None
-            if tensor is None:
-                tensor = next(t for t in self.graph.initializer if t.name == name)
-            tensor.CopyFrom(numpy_helper.from_array(array, name))
-        self._pending.clear()
+        if not self._pending:
+            return
+        self.refresh()
+        for name in list(self._pending):
+            array = self._pending.pop(name)  # freed as it is written: the model's size is not held twice
+            self.initializers[name].CopyFrom(numpy_helper.from_array(array, name))
 
     # ------------------------------------------------------------------ index
     def _build_index(self) -> None:
