@@ -6,7 +6,6 @@ from typing import Dict
 import numpy as np
 import onnx
 
-from ..ir.graph import attr
 from ..ir.shapes import infer_static_shapes
 
 
