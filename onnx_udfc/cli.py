@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bias-correction", action="store_true", help="skip quantization bias correction")
     p.add_argument("--first-last-bits", type=int, default=8, metavar="B",
                    help="bits of the first and last layers (default 8; 0 = same as --bits)")
+    p.add_argument("--depthwise-bits", type=int, default=8, metavar="B",
+                   help="bits of depthwise convs (few bytes, sensitive at low bit-widths); 0 = same as --bits (default 8)")
     p.add_argument("--input-shape", action="append", default=[], metavar="NAME:1x3x224x224",
                    help="shape of an input with dynamic dimensions (repeatable)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
@@ -117,6 +119,8 @@ def _run(args) -> int:
     _check_paths(args)
     if args.first_last_bits < 0:
         raise UsageError("--first-last-bits must be >= 0")
+    if args.depthwise_bits < 0:
+        raise UsageError("--depthwise-bits must be >= 0")
     shapes = parse_input_shapes(args.input_shape)
     t0 = time.perf_counter()
     model, data_files, serialized_input = read_model_bytes(args.input)
@@ -134,7 +138,8 @@ def _run(args) -> int:
         statistics=args.statistics, samples=args.samples,
         select=args.select, allocation=args.allocation, channel_multiple=args.channel_multiple, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
-        first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, debug=args.debug)
+        first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits,
+        depthwise_bits=None if args.depthwise_bits == 0 else args.depthwise_bits, debug=args.debug)
     t1 = time.perf_counter()
     written_data = save_model(compressed, args.output, serialized=serialized)
     report.seconds["load"] = round(load_seconds, 4)

@@ -31,6 +31,8 @@ class Options:
         convs keep onnxruntime's blocked kernels; 1 turns it off.
     grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured).
     first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
+    depthwise_bits: bit-width of depthwise convs (one 3x3 filter per channel: few bytes, and the most
+        sensitive layers at low bit-widths; None: same as `bits`).
     ridge: shrinkage of the compensation solve, relative to the mean channel variance.
     selection_ridge: shrinkage used by the expected-error selection.
     upstream_noise: treat the compensation residual left upstream as noise on the kept channels of the next
@@ -52,6 +54,7 @@ class Options:
     rounding: str = "balanced"
     bias_correction: bool = True
     first_last_bits: Optional[int] = 8
+    depthwise_bits: Optional[int] = 8
     ridge: float = 0.001
     selection_ridge: float = 0.1
     upstream_noise: bool = False
@@ -66,8 +69,9 @@ class Options:
             raise UsageError(f"--prune must be in [0, 1), got {self.prune}")
         if self.bits != 32 and not (2 <= int(self.bits) <= 8):
             raise UsageError(f"--bits must be 2..8 or 32, got {self.bits}")
-        if self.first_last_bits is not None and self.first_last_bits != 32 and not (2 <= self.first_last_bits <= 8):
-            raise UsageError(f"--first-last-bits must be 2..8 or 32, got {self.first_last_bits}")
+        for flag, value in (("--first-last-bits", self.first_last_bits), ("--depthwise-bits", self.depthwise_bits)):
+            if value is not None and value != 32 and not (2 <= value <= 8):
+                raise UsageError(f"{flag} must be 2..8 or 32, got {value}")
         for name, value, allowed in (("method", self.method, METHODS), ("select", self.select, SELECTIONS),
                                      ("allocation", self.allocation, ALLOCATIONS),
                                      ("grid", self.grid, GRIDS), ("clip", self.clip, CLIPS),
@@ -87,13 +91,18 @@ class Options:
     def quantize(self) -> bool:
         return self.bits != 32
 
-    def bits_for(self, is_first_or_last: bool) -> int:
-        """Bit-width of a layer; first/last layers get `first_last_bits` unless it is None."""
+    def bits_for(self, is_first_or_last: bool, is_depthwise: bool = False) -> int:
+        """Bit-width of a layer: `bits`, raised to `first_last_bits` for the first and last layers and to
+        `depthwise_bits` for depthwise convs (32 where either applies and is 32)."""
         if not self.quantize:
             return 32
-        if is_first_or_last and self.first_last_bits is not None:
-            return max(self.bits, self.first_last_bits) if self.first_last_bits != 32 else 32
-        return self.bits
+        bits = self.bits
+        for applies, override in ((is_first_or_last, self.first_last_bits), (is_depthwise, self.depthwise_bits)):
+            if applies and override is not None:
+                bits = 32 if override == 32 else max(bits, override)
+            if bits == 32:
+                return 32
+        return bits
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -45,3 +45,18 @@ def test_known_shapes_fill_what_static_inference_cannot_find():
     del stripped.graph.input[0].type.tensor_type.shape.dim[:]  # static inference now finds nothing
     found = infer_static_shapes(stripped, {}, known={conv.output[0]: invented})
     assert found[conv.output[0]] == invented
+
+
+def test_depthwise_convs_keep_depthwise_bits():
+    from builders import depthwise_block
+
+    model = depthwise_block(seed=4)
+    depthwise = [n.name or n.output[0] for n in model.graph.node
+                 if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert depthwise
+    _, report = compress(model, bits=4, first_last_bits=None, validate=False)
+    bits = {layer["name"]: layer["bits"] for layer in report.layers if "bits" in layer}
+    assert all(bits[name] == 8 for name in depthwise)
+    assert any(b == 4 for name, b in bits.items() if name not in depthwise)
+    _, report = compress(model, bits=4, first_last_bits=None, depthwise_bits=None, validate=False)
+    assert all(layer["bits"] == 4 for layer in report.layers if "bits" in layer)

@@ -15,7 +15,8 @@ import onnx
 
 from ..ir.layers import LINEAR_OPS, read_layer
 from ..ir.shapes import infer_static_shapes, refresh_value_info
-from ..patterns.chains import ChainFinder
+from ..ir.graph import attr
+from ..patterns.chains import ChainFinder, is_depthwise
 from ..patterns.groups import coupled_groups
 from ..stats.model import AnalyticStatistics
 from ..stats.sampled import CombinedStatistics, SampledStatistics
@@ -119,7 +120,8 @@ class CompressLayersPass(Pass):
                 record = ctx.layer(chain.producer)
                 pruned += record["channels_before"] - record["channels_after"]
             if options.quantize:
-                bits = options.bits_for(id(node) in boundary)
+                group = int(attr(node, "group", 1))
+                bits = options.bits_for(id(node) in boundary, group > 1 and is_depthwise(graph, node, group))
                 if bits < 32:
                     quantize_layer(ctx, node, bits)
                     quantized += 1
