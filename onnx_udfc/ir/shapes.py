@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from ..errors import UsageError
 
@@ -143,19 +143,30 @@ def _shapes_from_a_run(model: onnx.ModelProto, input_shapes: Dict[str, Shape], n
     import numpy as np
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in input_shapes:
+            feeds[inp.name] = np.zeros(input_shapes[inp.name], NUMPY_TYPES.get(inp.type.tensor_type.elem_type, "float32"))
+    # the weights go in as inputs (onnxruntime reads numpy arrays in place) and the probe is serialised without
+    # them: one copy of the weights instead of three (a model copy, its bytes, onnxruntime's own)
+    probe = weightless_copy(model)
+    weights = {t.name: t for t in model.graph.initializer if int(np.prod(t.dims)) > SMALL_TENSOR}
+    kept = [t for t in probe.graph.initializer if t.name not in weights]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    declared = {i.name for i in probe.graph.input}
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims))
+                             for name, t in weights.items() if name not in declared)
+    feeds.update((name, numpy_helper.to_array(t)) for name, t in weights.items())
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
                               for n in names if n not in known)
-    feeds = {}
-    for inp in probe.graph.input:
-        if inp.name in input_shapes:
-            feeds[inp.name] = np.zeros(input_shapes[inp.name], NUMPY_TYPES.get(inp.type.tensor_type.elem_type, "float32"))
     try:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = False  # one run: buffers go back to the system as soon as they are free
+        opts.enable_mem_pattern = False
         sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         values = sess.run(names, feeds)
     except Exception as exc:
