@@ -4,7 +4,6 @@ squeeze-excitation gates, per-channel PRelu, Resize, constant subgraphs."""
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from builders import ModelBuilder, random_input, rel_error, run
 from onnx_udfc import compress

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from builders import ModelBuilder, plain_chain, random_input, rel_error, run
+from builders import plain_chain, random_input, rel_error, run
 from onnx_udfc import compress, load_model, save_model
 from onnx_udfc.errors import PassError
 from onnx_udfc.passes.base import Pass, PassContext, PassManager

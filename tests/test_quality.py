@@ -1,7 +1,6 @@
 """The method ladder on models built here (BN calibrated, so the BN prior holds):
 udfc < mean < none at prune 0.3 bits 6; expected-error selection < norm selection; the default
 quantization recipe < round-to-nearest max-abs at 4 bits."""
-import numpy as np
 import pytest
 
 from builders import depthwise_block, plain_chain, random_input, rel_error, run

@@ -1,7 +1,5 @@
 """Every candidate layer that is not pruned says why, one test per reason."""
 import numpy as np
-import onnx
-from onnx import helper
 
 from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu
 from onnx_udfc import compress

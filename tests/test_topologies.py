@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import (ModelBuilder, calibrate_batchnorm, conv_bn_relu, depthwise_block, flatten_gemm,
-                      fold_all_batchnorm, gemm_chain, plain_chain, random_input, rel_error, residual_block, run)
+from builders import (ModelBuilder, depthwise_block, flatten_gemm, fold_all_batchnorm, gemm_chain, plain_chain,
+                      random_input, rel_error, residual_block, run)
 from onnx_udfc import compress
 from onnx_udfc.ir.graph import Graph, attr
 
