@@ -63,14 +63,15 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
     input_bytes = checked_input_bytes if checked_input_bytes is not None else model.ByteSize()
     # the input's shapes at batch 1, inferred once: the MACs before and after (pruning changes channels,
     # not positions) and, when the run is at batch 1 too, the shapes static inference cannot find later
-    shapes_one = infer_static_shapes(model, at_batch_one(shapes))
+    one = at_batch_one(shapes)
+    shapes_one = infer_static_shapes(model, one)
     before = ModelSize(count_params(model), input_bytes, count_macs(model, shapes, shapes=shapes_one))
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
     ctx = PassContext(graph=graph, options=opts, input_shapes=shapes, original=model,
-                      original_shapes=shapes_one if at_batch_one(shapes) == shapes else None)
+                      original_shapes=shapes_one if one == shapes else None)
     records = []
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]

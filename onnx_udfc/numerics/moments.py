@@ -213,9 +213,10 @@ def _mehler_horner_block(coefs: np.ndarray, r0: int, r1: int, rb: np.ndarray, ac
         acc.
     """
     acc_t = acc.T  # (r1, B), Fortran-ordered view: ger updates it (and so acc) in place
+    ger = _blas().dger
     for k in range(coefs.shape[0], 0, -1):
         acc *= rb
-        res = _blas().dger(1.0, coefs[k - 1, :r1], coefs[k - 1, r0:r1], a=acc_t, overwrite_a=True)
+        res = ger(1.0, coefs[k - 1, :r1], coefs[k - 1, r0:r1], a=acc_t, overwrite_a=True)
         if res is not acc_t:  # BLAS wrapper made a copy (never for a Fortran-ordered float64 block)
             acc_t[...] = res
     acc *= rb
@@ -306,10 +307,11 @@ def _tapped_horner_block(left: np.ndarray, right: np.ndarray, r0: int, r1: int, 
         rb: (B, r1) block of R. acc: (B, r1) C-contiguous block of A; overwritten with the result.
     """
     acc_t = acc.T
+    gemm = _blas().dgemm
     for k in range(left.shape[0], 0, -1):
         acc *= rb
         # acc^T += M_k[:r1] L_k[r0:r1]^T
-        res = _blas().dgemm(1.0, right[k - 1, :r1].T, left[k - 1, r0:r1].T, beta=1.0, c=acc_t, trans_a=1, overwrite_c=1)
+        res = gemm(1.0, right[k - 1, :r1].T, left[k - 1, r0:r1].T, beta=1.0, c=acc_t, trans_a=1, overwrite_c=1)
         if res is not acc_t:
             acc_t[...] = res
     acc *= rb

@@ -37,6 +37,11 @@ MAX_POSITIONS_PER_IMAGE = 1024
 RUN_BATCH = 8
 
 
+def position_step(positions: int) -> int:
+    """Stride over a feature map's flattened positions so that at most about `MAX_POSITIONS_PER_IMAGE` are kept."""
+    return max(1, positions // MAX_POSITIONS_PER_IMAGE)
+
+
 def pink_noise(shape: Sequence[int], seed: int = 0, exponent: float = 1.0) -> np.ndarray:
     """(B, C, H, W) float32 noise with amplitude spectrum 1/f^exponent, standardised per image and channel."""
     import scipy.fft
@@ -123,8 +128,8 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
     instead of the feature map (in place). Returns name -> (sum output, Gram output, positions kept per image),
     or None where the shape is unknown (that tensor stays an output as it is).
 
-    With ``X`` (B, C, P) the tensor's positions (every `step`-th, ``step = max(1, P // 1024)``, as
-    `_Accumulator.add` takes them): ``sum = sum_{b,p} X[b, :, p]`` (C,) and
+    With ``X`` (B, C, P) the tensor's positions (every `position_step(P)`-th, as `_Accumulator.add`
+    takes them): ``sum = sum_{b,p} X[b, :, p]`` (C,) and
     ``gram = sum_b X[b] X[b]^T`` (C, C), both float32 in onnxruntime. The feature maps never leave
     onnxruntime: no copy of them per run, and the outputs are C x C instead of B x C x H x W.
     """
@@ -139,7 +144,7 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
             plan[name] = None
             continue
         positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-        step = max(1, positions // MAX_POSITIONS_PER_IMAGE)
+        step = position_step(positions)
         p = f"udfc_gram{index}_"
         inits = {p + "shape": np.array([0, int(shape[1]), -1], np.int64), p + "axes02": np.array([0, 2], np.int64),
                  p + "axes0": np.array([0], np.int64)}
@@ -172,7 +177,7 @@ class _Accumulator:
     def add(self, t: np.ndarray) -> None:
         b, c = t.shape[:2]
         flat = t.reshape(b, c, -1)  # (B, C, positions)
-        step = max(1, flat.shape[2] // MAX_POSITIONS_PER_IMAGE)
+        step = position_step(flat.shape[2])
         # positions subsampled before the transpose: only the rows kept are copied, (B * P, C)
         a = np.ascontiguousarray(flat[:, :, ::step].transpose(0, 2, 1), dtype=np.float32).reshape(-1, c)
         if self.total is None:
