@@ -10,7 +10,7 @@ METHODS = ("none", "mean", "merge", "udfc")
 SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
-ROUNDINGS = ("balanced", "nearest")
+ROUNDINGS = ("error-feedback", "balanced", "nearest")
 ALLOCATIONS = ("global", "uniform")
 STATISTICS = ("auto", "analytic", "synthetic", "combined")
 
@@ -51,7 +51,7 @@ class Options:
     channel_multiple: int = 8
     grid: str = "asymmetric"
     clip: str = "mse"
-    rounding: str = "balanced"
+    rounding: str = "error-feedback"
     bias_correction: bool = True
     first_last_bits: Optional[int] = 8
     depthwise_bits: Optional[int] = 8

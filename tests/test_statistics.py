@@ -3,7 +3,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from builders import depthwise_block, plain_chain, random_input, rel_error, run
+from builders import depthwise_block, plain_chain, random_input, rel_error, residual_block, run
 from onnx_udfc import compress
 from onnx_udfc.config import Options
 from onnx_udfc.ir.graph import Graph
@@ -112,3 +112,38 @@ def test_combined_statistics_average_analytic_and_synthetic():
     corr, _ = cov_to_corr(cov)
     np.testing.assert_allclose(corr, 0.5 * (cov_to_corr(a_cov)[0] + cov_to_corr(s_cov)[0]), atol=1e-10)
     assert np.linalg.eigvalsh(cov).min() > -1e-9
+
+
+def test_tensor_covariance_follows_measured_covariances():
+    """Conv outputs, residual sums and activations: predicted channel covariances against N(0,1) inputs."""
+    from onnx import TensorProto, helper
+
+    seen = set()
+    for model in (residual_block(seed=1), depthwise_block(seed=1)):
+        ctx = prepared(onnx.load_from_string(model.SerializeToString()))
+        graph = ctx.graph
+        names = [n.output[0] for n in graph.topological_nodes() if n.op_type in ("Conv", "Add", "Relu", "Clip")]
+        predicted = {name: ctx.stats.tensor_covariance(name) for name in names}
+        probe = onnx.ModelProto()
+        probe.CopyFrom(graph.model)
+        for name in names:
+            probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = random_input(model, batch=64, seed=4)
+        measured = dict(zip([o.name for o in probe.graph.output], session.run(None, {"input": x})))
+        kinds = set()
+        for name in names:
+            cov = predicted[name]
+            if cov is None:
+                assert graph.producer_of(name).op_type == "Conv"  # the depthwise conv: no channel covariance
+                continue
+            kinds.add(graph.producer_of(name).op_type)
+            a = np.moveaxis(measured[name], 1, -1).reshape(-1, cov.shape[0]).astype(np.float64)
+            real = np.cov(a, rowvar=False)
+            sd, real_sd = np.sqrt(np.diag(cov)), np.sqrt(np.diag(real))
+            assert 0.8 < np.median(sd / real_sd) < 1.25, name
+            iu = np.triu_indices(cov.shape[0], 1)
+            r = np.corrcoef((cov / np.outer(sd, sd))[iu], (real / np.outer(real_sd, real_sd))[iu])[0, 1]
+            assert r > 0.4, (name, r)
+        seen |= kinds
+    assert seen == {"Conv", "Add", "Relu", "Clip"}

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ._error_feedback import MAX_COLUMNS, error_feedback_levels
 from ._rounding import _balance, _row_broadcast_buffers
 
-__all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "bias_correction", "SCALE_FLOOR"]
+__all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "uses_error_feedback", "bias_correction", "SCALE_FLOOR",
+           "MAX_COLUMNS", "ROUNDINGS"]
 
 log = logging.getLogger(__name__)
 
 SCALE_FLOOR = 1e-10
+ROUNDINGS = ("error-feedback", "balanced", "nearest")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ class QuantSpec:
         symmetric: symmetric grid (zero point 0) instead of asymmetric.
         clip: "mse" (search the clipping factor alpha minimising the tap-weighted squared error)
             or "max" (alpha = 1).
-        rounding: "balanced" (SQuant-like: errors of each kernel and output channel sum to ~0)
+        rounding: "error-feedback" (GPTQ-like: each column's rounding error is moved onto the columns
+            not yet rounded through the input covariance, see ``_error_feedback``; needs the covariance,
+            else balanced), "balanced" (SQuant-like: errors of each kernel and output channel sum to ~0)
             or "nearest" (ties away from zero).
         clip_steps: number of alpha values in the search (linearly spaced on [clip_min, 1]).
         clip_min: smallest alpha.
@@ -48,7 +53,7 @@ class QuantSpec:
     bits: int
     symmetric: bool = False
     clip: str = "mse"
-    rounding: str = "balanced"
+    rounding: str = "error-feedback"
     clip_steps: int = 80
     clip_min: float = 0.25
 
@@ -57,8 +62,8 @@ class QuantSpec:
             raise ValueError(f"bits must be an integer in [2, 16], got {self.bits}")
         if self.clip not in ("mse", "max"):
             raise ValueError(f"clip must be 'mse' or 'max', got {self.clip!r}")
-        if self.rounding not in ("balanced", "nearest"):
-            raise ValueError(f"rounding must be 'balanced' or 'nearest', got {self.rounding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         if int(self.clip_steps) < 1 or not 0.0 < float(self.clip_min) <= 1.0:
             raise ValueError("clip_steps must be >= 1 and clip_min in (0, 1]")
 
@@ -166,6 +171,15 @@ def _quantize_rows(w2, scale, zp, qmin, qmax, channels) -> np.ndarray:
     return out
 
 
+def _grid_values(levels: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
+    """``float32(q - zp) * float32(scale)`` per row of integer levels (N, D), (N, D) float32 (no -0.0)."""
+    out = levels.astype(np.float32)
+    out -= zp.astype(np.float32)[:, None]
+    out *= scale.astype(np.float32)[:, None]
+    out += np.float32(0.0)
+    return out
+
+
 def _search_alpha(w2, lo, hi, tw, spec: QuantSpec) -> np.ndarray:
     """Per-channel alpha minimising ``sum_d tw[d] (w - Q_alpha(w))^2`` (nearest rounding), (N,).
 
@@ -249,20 +263,32 @@ def _squared_errors(w, s, z, qmin, qmax, out) -> None:
     np.square(out, out=out)
 
 
-def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def uses_error_feedback(w_shape, spec: QuantSpec, input_covariance) -> bool:
+    """True when :func:`fake_quantize` rounds ``w`` with error feedback (else it falls back to balanced)."""
+    columns = int(np.prod(w_shape[1:])) if len(w_shape) >= 2 else 0
+    return (spec.rounding == "error-feedback" and input_covariance is not None and len(w_shape) >= 2
+            and np.shape(input_covariance) == (w_shape[1], w_shape[1]) and 0 < columns <= MAX_COLUMNS)
+
+
+def fake_quantize(w, spec: QuantSpec, tap_weight=None, input_covariance=None,
+                  tap_correlation=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Quantize ``w`` per output channel (axis 0) and return it as floats exactly on the grid.
 
     Clipping ("mse"): for alpha in ``linspace(1, clip_min, clip_steps)`` the grid of
     ``(alpha lo, alpha hi)`` (lo/hi the channel's min/max) is tried; each channel keeps the alpha
     minimising ``sum_taps tap_weight * (w - Q(w))^2`` with nearest rounding (ties: the larger alpha).
-    Rounding: nearest, or balanced (see ``_rounding.balanced_round``; kernels are the trailing dims
-    after axis 1; for 2-D weights each entry is its own kernel, so only the channel stage acts).
+    Rounding: nearest, balanced (see ``_rounding.balanced_round``; kernels are the trailing dims
+    after axis 1; for 2-D weights each entry is its own kernel, so only the channel stage acts), or
+    error feedback through ``input_covariance`` (see ``_error_feedback``; balanced where it does not
+    apply, :func:`uses_error_feedback`).
 
     Args:
         w: (N, ...) weights (typically float32, BN folded), N output channels.
         spec: the :class:`QuantSpec`.
         tap_weight: optional nonnegative array broadcastable to ``w.shape[1:]`` (e.g. (C, 1, 1)
             input-channel variances); default ones.
+        input_covariance: optional (C, C) covariance of the input channels (C = w.shape[1]).
+        tap_correlation: optional (T, T) correlation of the T taps of a kernel (default identity).
 
     Returns:
         w_q: same shape and dtype as w, ``w_q[o] = float32(q[o] - zp[o]) * float32(scale[o])``
@@ -289,8 +315,14 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None) -> tuple[np.ndarray, np.n
     alpha = _search_alpha(w2.astype(np.float32, copy=False), lo, hi, tw.astype(np.float32), spec)
     scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
     qmin, qmax = _levels(spec.bits, spec.symmetric)
-    channels = (w.shape[1] if w.ndim >= 2 else 1) if spec.rounding == "balanced" else None
-    w_q = _quantize_rows(w2, scale, zp, qmin, qmax, channels)
+    if uses_error_feedback(w.shape, spec, input_covariance):
+        taps = w2.shape[1] // w.shape[1]
+        corr = np.eye(taps) if tap_correlation is None else np.asarray(tap_correlation, np.float64)
+        levels = error_feedback_levels(w2, scale, zp, qmin, qmax, np.asarray(input_covariance, np.float64), corr)
+        w_q = _grid_values(levels, scale, zp)
+    else:
+        channels = (w.shape[1] if w.ndim >= 2 else 1) if spec.rounding != "nearest" else None
+        w_q = _quantize_rows(w2, scale, zp, qmin, qmax, channels)
     log.debug("fake_quantize: %d channels, %d bits, mean alpha %.3f", n, spec.bits, float(alpha.mean()))
     out_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float32
     return w_q.reshape(w.shape).astype(out_dtype, copy=False), scale, zp

@@ -26,10 +26,14 @@ from ..ir.layers import read_layer
 from ..numerics.covariance import (conv_preactivation_covariance, cov_to_corr,
                                    depthwise_output_covariance, nearest_psd)
 from ..numerics.moments import activation_covariance, gaussian_activation_moments, hermite_coefficients
+from ..patterns.activations import activation_of
 from ..patterns.chains import Chain, Stage
 from .propagate import SPATIAL_RHO, MomentPropagator, max_of_gaussians, mean_spatial_correlation
 
 log = logging.getLogger(__name__)
+
+#: widest tensor whose channel covariance `tensor_covariance` models ((C, C) float64 each, cached)
+MAX_COVARIANCE_CHANNELS = 2048
 
 Moments = Tuple[np.ndarray, np.ndarray]
 
@@ -50,6 +54,10 @@ class StatisticsModel:
         """(mean (N,), cov (N, N)) of the channels the consumer reads, or None if unknown."""
         raise NotImplementedError
 
+    def input_covariance(self, node) -> Optional[np.ndarray]:
+        """(C, C) covariance of a linear layer's input channels, or None if unknown."""
+        return None
+
 
 class AnalyticStatistics(StatisticsModel):
     def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
@@ -59,6 +67,7 @@ class AnalyticStatistics(StatisticsModel):
         self.input_correlation = True
         self._by_output: Dict[str, Chain] = {}
         self._cache: Dict[str, Moments] = {}
+        self._tensor_cov: Dict[str, Optional[np.ndarray]] = {}
         propagator = MomentPropagator(graph, shapes, priors)
         self.moments = propagator.run()
         self.unknown_ops = propagator.unknown_ops
@@ -113,6 +122,78 @@ class AnalyticStatistics(StatisticsModel):
         mean2, cov2 = self._stage(dw_pre[0], dw_pre[1], corr_u, chain.second)
         return mean2, nearest_psd(cov2)
 
+    def input_covariance(self, node) -> Optional[np.ndarray]:
+        return self.tensor_covariance(node.input[0])
+
+    def tensor_covariance(self, tensor: str) -> Optional[np.ndarray]:
+        """(C, C) channel covariance of `tensor` (None where the model does not say), computed lazily:
+
+        - a chain's output (a consumer's input): `chain_statistics`;
+        - a conv / Gemm output: the pre-activation correlation `corr(z) ~ W D W^T` (input channel
+          variances D, the input's own correlation when known, AR(1) taps) scaled to the output's
+          moments (the BN prior where there is one);
+        - `Add`: the sum of the branches' covariances (branches taken as uncorrelated);
+        - a pointwise activation: the Mehler series on the input's Gaussian moments;
+        - pools and Identity/Dropout pass the covariance on (only its shape across channels matters
+          to the rounding that uses it).
+        Tensors wider than `MAX_COVARIANCE_CHANNELS` are not modelled.
+        """
+        if tensor not in self._tensor_cov:
+            self._tensor_cov[tensor] = None  # a cycle or a failure leaves it unknown
+            cov = self._tensor_covariance(tensor)
+            channels = self.moments.get(tensor, (np.zeros(0),))[0].shape[0]
+            if cov is not None and cov.shape != (channels, channels):
+                cov = None
+            self._tensor_cov[tensor] = cov
+        return self._tensor_cov[tensor]
+
+    def _tensor_covariance(self, tensor: str) -> Optional[np.ndarray]:
+        moments = self.tensor_moments(tensor)
+        if moments is None or moments[0].shape[0] > MAX_COVARIANCE_CHANNELS:
+            return None
+        chain = self._by_output.get(tensor)
+        if chain is not None:
+            stats = self.chain_statistics(chain)
+            return None if stats is None else stats[1]
+        node = self.graph.producer_of(tensor)
+        if node is None:
+            return None
+        op = node.op_type
+        if op in ("Conv", "Gemm", "MatMul"):
+            return self._linear_output_covariance(node, moments)
+        if op == "Add" and len(node.input) == 2:
+            parts = [self.tensor_covariance(name) for name in node.input]
+            if any(p is None for p in parts) or parts[0].shape != parts[1].shape:
+                return None
+            return parts[0] + parts[1]
+        if op in ("Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool"):
+            return self.tensor_covariance(node.input[0])
+        act, _ = activation_of(self.graph, node)
+        source = self.tensor_moments(node.input[0])
+        if act is None or source is None:
+            return None
+        cov_in = self.tensor_covariance(node.input[0])
+        if cov_in is None:
+            return None
+        corr, sigma = cov_to_corr(cov_in)
+        return nearest_psd(activation_covariance(source[0], np.sqrt(np.maximum(source[1], 0.0)), corr, act))
+
+    def _linear_output_covariance(self, node, moments: Moments) -> Optional[np.ndarray]:
+        layer = read_layer(self.graph, node)
+        source = self.tensor_moments(node.input[0])
+        if layer is None or layer.group != 1 or source is None or source[1].shape[0] != layer.rows.shape[1]:
+            return None
+        input_corr = None
+        cov_in = self.tensor_covariance(node.input[0])
+        if cov_in is not None:
+            input_corr, _ = cov_to_corr(cov_in)
+        corr, _ = cov_to_corr(conv_preactivation_covariance(layer.rows, source[1], spatial_rho=self.spatial_rho,
+                                                            input_corr=input_corr))
+        std = np.sqrt(np.maximum(moments[1], 0.0))
+        if std.shape[0] != corr.shape[0]:
+            return None
+        return corr * std[:, None] * std[None, :]
+
     def _pooled_preactivation(self, mu, var, stage: Stage):
         for pool in stage.pools:
             if pool.op_type == "MaxPool":
@@ -142,6 +223,7 @@ class AnalyticStatistics(StatisticsModel):
         path: [(tensor, columns per channel)]; a flattened tensor keeps whole column blocks.
         """
         for tensor, block in path:
+            self._tensor_cov.pop(tensor, None)
             cached = self._cache.get(tensor)
             if cached is not None and cached[0].shape[0] > kept.max(initial=0):
                 self._cache[tensor] = (cached[0][kept], cached[1][np.ix_(kept, kept)])

@@ -1,0 +1,117 @@
+"""Error-feedback rounding (GPTQ / Optimal Brain Quantization) with a data-free input covariance.
+
+A layer's output error for input x is ``dW x``; after the bias correction removes its mean, what is
+left has variance ``dW_o H dW_o^T`` per output channel o, with ``H`` the input covariance. Rounding the
+columns one at a time and moving each column's rounding error onto the columns not yet rounded, in
+proportion to their covariance with it, minimises that variance column by column (GPTQ):
+
+    H^-1 = U^T U                       U (D, D) upper triangular (Cholesky of the inverse)
+    for j in order:  q_j = round(w_j);  e = (w_j - q_j) / U[j, j];  w_{j+1:} -= e U[j, j+1:]
+
+For a conv, the D = C * T columns of a row are (input channel, tap) pairs, and the covariance of the
+window is modelled as ``H = Sigma_C kron R_T``: channel covariance times the AR(1) correlation of the
+taps (the model of `stats.propagate.spatial_correlation`). Then ``H^-1 = Sigma^-1 kron R^-1`` and
+``U = U_C kron U_T``, so no (D, D) matrix is ever formed: the updates inside a block of channels use
+``kron(U_C[block, block], U_T)`` and the deferred update of the later columns is two small GEMMs.
+
+Channels are taken in order of decreasing variance ("act order"), a damping of ``DAMP`` times the mean
+variance keeps H invertible (dead channels), and entries whose nearest level is an end level holding a
+nonzero value keep it (as in the balanced rounding), so the quantized channel's range, and the grid
+that re-quantization recovers, are unchanged.
+
+Cost per layer ``N * D^2`` flops (the same order as the Hessian-weighted error itself) and ``N * D``
+float64 of working memory; `MAX_COLUMNS` bounds D, wider layers keep the balanced rounding.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+#: damping of the channel covariance, relative to its mean diagonal
+DAMP = 0.01
+#: columns rounded between two deferred (GEMM) updates
+BLOCK_COLUMNS = 128
+#: widest row (C * taps) rounded with error feedback; cost grows as N * D^2
+MAX_COLUMNS = 4608
+
+
+def upper_inverse_cholesky(cov: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """Upper triangular U with ``U^T U = (cov + damp * mean(diag) I)^-1``, (D, D) float64.
+
+    Computed without the inverse: with J the reversal permutation, ``J cov J = L L^T`` (Cholesky) gives
+    ``cov = A A^T`` with ``A = J L J`` upper triangular, hence ``U = A^-1``.
+    """
+    from scipy.linalg import lapack  # noqa: PLC0415 (scipy only where covariances are used)
+
+    h = np.array(cov, dtype=np.float64)
+    d = h.shape[0]
+    diag = np.diagonal(h)
+    mean_diag = float(diag.mean()) if d else 0.0
+    if not np.isfinite(mean_diag) or mean_diag <= 0:
+        mean_diag = 1.0
+    h[np.diag_indices(d)] = np.maximum(diag, 0.0) + damp * mean_diag
+    rev = h[::-1, ::-1]
+    lower, info = lapack.dpotrf(np.ascontiguousarray(rev), lower=1, clean=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("input covariance is not positive definite after damping")
+    a = lower[::-1, ::-1]  # upper triangular, cov = a a^T
+    u, info = lapack.dtrtri(np.ascontiguousarray(a), lower=0)
+    if info != 0:
+        raise np.linalg.LinAlgError("singular Cholesky factor")
+    return np.triu(u)
+
+
+def error_feedback_levels(w2: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: float, qmax: float,
+                          channel_cov: np.ndarray, tap_corr: np.ndarray) -> np.ndarray:
+    """Integer levels (N, C * T) float64 of the rows ``w2`` (N, C * T) on the per-row grids.
+
+    Args:
+        w2: (N, C * T) weights, columns channel-major (row o = w[o].reshape(-1) of an (N, C, *taps) weight).
+        scale, zp: (N,) grid of each row (value of level q: ``(q - zp) * scale``); qmin, qmax: level range.
+        channel_cov: (C, C) covariance of the input channels. tap_corr: (T, T) correlation of the taps.
+    """
+    n, d = w2.shape
+    c, t = channel_cov.shape[0], tap_corr.shape[0]
+    if c * t != d:
+        raise ValueError(f"covariance of {c} channels x {t} taps does not match {d} columns")
+    order = np.argsort(-np.diagonal(channel_cov), kind="stable")
+    u_c = upper_inverse_cholesky(channel_cov[np.ix_(order, order)])
+    u_t = upper_inverse_cholesky(tap_corr, damp=0.0) if t > 1 else np.ones((1, 1))
+    columns = (order[:, None] * t + np.arange(t)[None, :]).ravel()
+    # transposed working copy: a column is a contiguous row of `wt`
+    wt = np.array(w2.T[columns], dtype=np.float64)  # (D, N)
+    inv_scale = 1.0 / scale
+    zpf = zp.astype(np.float64)
+    nearest = np.clip(np.rint(wt * inv_scale + zpf), qmin, qmax)
+    locked = ((nearest == qmin) & (qmin != zpf)) | ((nearest == qmax) & (qmax != zpf))
+    any_locked = locked.any(axis=1)
+    q_all = np.empty_like(wt)
+    per_block = max(1, BLOCK_COLUMNS // t)
+    for c0 in range(0, c, per_block):
+        c1 = min(c, c0 + per_block)
+        b0, b1 = c0 * t, c1 * t
+        u_block = np.kron(u_c[c0:c1, c0:c1], u_t)  # (b, b) upper triangular
+        inv_diag = 1.0 / np.diagonal(u_block)
+        errors = np.empty((b1 - b0, n))
+        for j in range(b1 - b0):
+            row, q, err = wt[b0 + j], q_all[b0 + j], errors[j]
+            np.multiply(row, inv_scale, out=q)
+            q += zpf
+            np.rint(q, out=q)
+            np.clip(q, qmin, qmax, out=q)
+            if any_locked[b0 + j]:
+                np.copyto(q, nearest[b0 + j], where=locked[b0 + j])
+            np.subtract(q, zpf, out=err)
+            err *= scale
+            np.subtract(row, err, out=err)
+            err *= inv_diag[j]
+            if j + 1 < b1 - b0:
+                wt[b0 + j + 1:b1] -= np.multiply.outer(u_block[j, j + 1:], err)
+        if c1 < c:
+            # wt[later] -= kron(U_C[block, later], U_T)^T @ errors, as two GEMMs
+            e3 = errors.reshape(c1 - c0, t, n)
+            f = np.einsum("st,csn->ctn", u_t, e3, optimize=True)  # (cb, T, N): over taps
+            upd = u_c[c0:c1, c1:].T @ f.reshape(c1 - c0, t * n)  # (C_rest, T * N)
+            wt[b1:] -= upd.reshape((c - c1) * t, n)
+    out = np.empty_like(q_all)
+    out[columns] = q_all
+    return np.ascontiguousarray(out.T)
