@@ -10,8 +10,9 @@ and every pruned model run in onnxruntime on the CPU with `intra_op_num_threads`
 `inter_op_num_threads` 1, sequential execution, at each graph optimisation level of --optimization
 (comma-separated; `all` by default, which includes the NCHWc layout transform that needs channel counts in
 blocks of 8 or 16; `extended` stops before it, so the two separate the MACs saved from the kernels lost to
-unaligned widths), on seeded random inputs of batch 1 and 32. Each cell: --warmup runs, then the median of
---runs timed runs (fewer, but at least 3, when the cell would exceed --budget seconds). The MACs ratio comes
+unaligned widths), on seeded random inputs of batch 1 and 32. Each cell times the original and the pruned model alternately
+(so that a change of the machine's load hits both alike): --warmup runs of each, then the median of --runs
+timed runs of each (fewer, but at least 3, when the pair would exceed twice --budget seconds). The MACs ratio comes
 from the report (`after.macs / before.macs`, per sample, so the same at every batch); the check is |latency
 ratio - MACs ratio| <= 0.1. Writes `<tag>.md` and `.json`.
 """
@@ -27,7 +28,7 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Dict, List, Optional  # noqa: E402
+from typing import Dict, List, Optional, Tuple  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
@@ -73,19 +74,6 @@ def input_feed(sess, batch: int, seed: int = 0) -> Dict[str, np.ndarray]:
     return feed
 
 
-def median_latency(sess, feed: Dict[str, np.ndarray], runs: int, warmup: int, budget: float) -> dict:
-    """Median seconds of up to `runs` timed calls after `warmup` untimed ones (>= 3 runs, else within `budget`)."""
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    start = time.perf_counter()
-    while len(times) < runs and (len(times) < 3 or time.perf_counter() - start < budget):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return {"median_ms": statistics.median(times) * 1e3, "runs": len(times)}
-
-
 def aligned_fraction(model: onnx.ModelProto, multiple: int = ALIGNMENT) -> float:
     """Fraction of Conv layers whose output channel count is a multiple of `multiple` (onnxruntime's NCHWc
     layout, used at the `all` level, needs channel counts in blocks of 8 or 16 depending on the CPU)."""
@@ -94,15 +82,37 @@ def aligned_fraction(model: onnx.ModelProto, multiple: int = ALIGNMENT) -> float
     return sum(w % multiple == 0 for w in widths) / len(widths) if widths else 1.0
 
 
-def measure(model: onnx.ModelProto, batches: List[int], levels: List[str], args) -> Dict[tuple, dict]:
-    """Median latency of `model` per (optimisation level, batch size)."""
-    out = {}
+def paired_latency(sess_a, sess_b, feed: Dict[str, np.ndarray], runs: int, warmup: int, budget: float):
+    """Median latency of two sessions timed alternately (a, b, a, b, ...), so that a change of the machine's
+    load during the measurement hits both alike: ({"median_ms", "runs"} of a, the same of b). At least 3 runs
+    each, at most `runs`, and no new pair once `budget` seconds have passed."""
+    for _ in range(warmup):
+        sess_a.run(None, feed)
+        sess_b.run(None, feed)
+    times_a, times_b = [], []
+    start = time.perf_counter()
+    while len(times_a) < runs and (len(times_a) < 3 or time.perf_counter() - start < budget):
+        for sess, times in ((sess_a, times_a), (sess_b, times_b)):
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+    cell = lambda times: {"median_ms": statistics.median(times) * 1e3, "runs": len(times)}  # noqa: E731
+    return cell(times_a), cell(times_b)
+
+
+def measure_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: List[int], levels: List[str],
+                 args) -> Tuple[Dict[tuple, dict], Dict[tuple, dict]]:
+    """Median latencies of the original and the pruned model per (optimisation level, batch size), timed
+    alternately (`paired_latency`)."""
+    base, timed = {}, {}
     for level in levels:
-        sess = make_session(model, args.threads, level)
+        sess_a = make_session(original, args.threads, level)
+        sess_b = make_session(pruned, args.threads, level)
         for batch in batches:
-            out[level, batch] = median_latency(sess, input_feed(sess, batch), args.runs, args.warmup, args.budget)
-        del sess
-    return out
+            base[level, batch], timed[level, batch] = paired_latency(
+                sess_a, sess_b, input_feed(sess_a, batch), args.runs, args.warmup, 2 * args.budget)
+        del sess_a, sess_b
+    return base, timed
 
 
 def latency_row(name: str, prune: float, key: tuple, base: dict, timed: dict, macs_ratio, aligned: float,
@@ -124,9 +134,6 @@ def model_rows(path: str, args) -> List[dict]:
     batches = [int(b) for b in args.batches.split(",")]
     levels = args.optimization.split(",")
     model = onnx.load(path)
-    base = measure(model, batches, levels, args)
-    for (level, batch), cell in base.items():
-        print(f"{name} original, {level}, batch {batch}: {cell['median_ms']:.2f} ms", file=sys.stderr, flush=True)
     print(f"{name}: {aligned_fraction(model):.0%} of the convs have a width multiple of {ALIGNMENT}",
           file=sys.stderr, flush=True)
     rows = []
@@ -136,7 +143,7 @@ def model_rows(path: str, args) -> List[dict]:
         seconds = time.perf_counter() - t0
         macs_ratio = report.after.macs / report.before.macs if report.before.macs else None
         aligned = aligned_fraction(pruned)
-        timed = measure(pruned, batches, levels, args)
+        base, timed = measure_pair(model, pruned, batches, levels, args)
         del pruned
         for key in base:
             rows.append(latency_row(name, prune, key, base, timed, macs_ratio, aligned, seconds))
