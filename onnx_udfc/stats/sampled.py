@@ -245,6 +245,9 @@ class SampledStatistics(AnalyticStatistics):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1  # deterministic sums, identical output bytes on every machine
         opts.log_severity_level = 3
+        # without the arena the activations of a run go back to the system when it ends (same sums):
+        # MobileNetV2 prune 0.3 peak 560 -> 454 MB
+        opts.enable_cpu_mem_arena = False
         session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         accumulators = {n: _Accumulator() for n in names}
         # batch-statistics BN wants the largest batch the model accepts
