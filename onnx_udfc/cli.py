@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of M channels in every pruned chain (fast blocked kernels); 1 = off (default 8)")
     p.add_argument("--grid", choices=GRIDS, default="asymmetric", help="quantization grid (default asymmetric)")
     p.add_argument("--clip", choices=CLIPS, default="mse", help="range clipping (default mse, input-weighted)")
-    p.add_argument("--rounding", choices=ROUNDINGS, default="error-feedback",
-                   help="rounding: error-feedback (through the input covariance; balanced where there is none), "
-                        "balanced or nearest (default error-feedback)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="auto",
+                   help="rounding: error-feedback (through the modelled input covariance; balanced where there is "
+                        "none), balanced, nearest, or auto: error-feedback at 5 bits or fewer, balanced above "
+                        "(default auto)")
     p.add_argument("--no-bias-correction", action="store_true", help="skip quantization bias correction")
     p.add_argument("--first-last-bits", type=int, default=8, metavar="B",
                    help="bits of the first and last layers (default 8; 0 = same as --bits)")

@@ -10,7 +10,7 @@ METHODS = ("none", "mean", "merge", "udfc")
 SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
-ROUNDINGS = ("error-feedback", "balanced", "nearest")
+ROUNDINGS = ("auto", "error-feedback", "balanced", "nearest")
 ALLOCATIONS = ("global", "uniform")
 STATISTICS = ("auto", "analytic", "synthetic", "combined")
 
@@ -29,7 +29,8 @@ class Options:
         ratio in every chain). Global needs the expected-error selection; with `norm` it is uniform.
     channel_multiple: kept channel counts are rounded to a multiple of this (or left whole) so the pruned
         convs keep onnxruntime's blocked kernels; 1 turns it off.
-    grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured).
+    grid / clip / rounding / bias_correction: the quantization recipe (defaults = best measured; rounding
+        `auto` is error feedback through the input covariance at 5 bits or fewer, balanced above).
     first_last_bits: bit-width of the first and last weight layers (None: same as `bits`).
     depthwise_bits: bit-width of depthwise convs (one 3x3 filter per channel: few bytes, and the most
         sensitive layers at low bit-widths; None: same as `bits`).
@@ -51,7 +52,7 @@ class Options:
     channel_multiple: int = 8
     grid: str = "asymmetric"
     clip: str = "mse"
-    rounding: str = "error-feedback"
+    rounding: str = "auto"
     bias_correction: bool = True
     first_last_bits: Optional[int] = 8
     depthwise_bits: Optional[int] = 8

@@ -147,3 +147,23 @@ def test_tensor_covariance_follows_measured_covariances():
             assert r > 0.4, (name, r)
         seen |= kinds
     assert seen == {"Conv", "Add", "Relu", "Clip"}
+
+
+def test_rounding_auto_uses_error_feedback_at_low_bit_widths():
+    """`auto`: error feedback where a layer is at 5 bits or fewer and its input covariance is modelled;
+    the report names the rounding of every such layer, with the reason where it fell back."""
+    model = depthwise_block(seed=2)
+    _, report = compress(onnx.load_from_string(model.SerializeToString()), bits=4, validate=False)
+    rounding = [layer.get("rounding") for layer in report.layers if layer.get("bits") == 4]
+    assert rounding == ["error-feedback"]  # the projection; expansion, depthwise and Gemm stay at 8 bits
+    _, report2 = compress(onnx.load_from_string(model.SerializeToString()), bits=4, depthwise_bits=None,
+                          validate=False)
+    assert "balanced (grouped conv: no cross-channel covariance)" in [layer.get("rounding") for layer in report2.layers]
+    _, report6 = compress(onnx.load_from_string(model.SerializeToString()), bits=6, validate=False)
+    assert not any(layer.get("rounding") for layer in report6.layers)
+    out_forced, report_forced = compress(onnx.load_from_string(model.SerializeToString()), bits=6,
+                                         rounding="error-feedback", validate=False)
+    out_balanced, _ = compress(onnx.load_from_string(model.SerializeToString()), bits=6, rounding="balanced",
+                               validate=False)
+    assert any(layer.get("rounding") == "error-feedback" for layer in report_forced.layers)
+    assert out_forced.SerializeToString() != out_balanced.SerializeToString()

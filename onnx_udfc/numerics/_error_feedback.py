@@ -28,36 +28,38 @@ import numpy as np
 
 #: damping of the channel covariance, relative to its mean diagonal
 DAMP = 0.01
-#: columns rounded between two deferred (GEMM) updates
+#: columns rounded between two deferred (GEMM) updates of the later columns, and inside such a block,
+#: between two GEMM updates of the block's later columns (the rank-1 updates stay this narrow)
 BLOCK_COLUMNS = 128
+SUB_BLOCK_COLUMNS = 16
 #: widest row (C * taps) rounded with error feedback; cost grows as N * D^2
-MAX_COLUMNS = 4608
+MAX_COLUMNS = 1280
 
 
 def upper_inverse_cholesky(cov: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper triangular U with ``U^T U = (cov + damp * mean(diag) I)^-1``, (D, D) float64.
 
     Computed without the inverse: with J the reversal permutation, ``J cov J = L L^T`` (Cholesky) gives
-    ``cov = A A^T`` with ``A = J L J`` upper triangular, hence ``U = A^-1``.
+    ``cov = A A^T`` with ``A = J L J`` upper triangular, hence ``U = A^-1 = J L^-1 J``. Two (D, D) copies:
+    the reversed matrix (factorised and inverted in place, Fortran order) and the result.
     """
     from scipy.linalg import lapack  # noqa: PLC0415 (scipy only where covariances are used)
 
-    h = np.array(cov, dtype=np.float64)
-    d = h.shape[0]
-    diag = np.diagonal(h)
+    cov = np.asarray(cov, dtype=np.float64)
+    d = cov.shape[0]
+    rev = np.array(cov[::-1, ::-1], order="F")  # symmetric: its Fortran copy is J cov J
+    diag = np.diagonal(rev)
     mean_diag = float(diag.mean()) if d else 0.0
     if not np.isfinite(mean_diag) or mean_diag <= 0:
         mean_diag = 1.0
-    h[np.diag_indices(d)] = np.maximum(diag, 0.0) + damp * mean_diag
-    rev = h[::-1, ::-1]
-    lower, info = lapack.dpotrf(np.ascontiguousarray(rev), lower=1, clean=1)
+    rev[np.diag_indices(d)] = np.maximum(diag, 0.0) + damp * mean_diag
+    lower, info = lapack.dpotrf(rev, lower=1, clean=1, overwrite_a=1)
     if info != 0:
         raise np.linalg.LinAlgError("input covariance is not positive definite after damping")
-    a = lower[::-1, ::-1]  # upper triangular, cov = a a^T
-    u, info = lapack.dtrtri(np.ascontiguousarray(a), lower=0)
+    inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError("singular Cholesky factor")
-    return np.triu(u)
+    return np.ascontiguousarray(inverse[::-1, ::-1])
 
 
 def error_feedback_levels(w2: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: float, qmax: float,
@@ -92,20 +94,24 @@ def error_feedback_levels(w2: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmi
         u_block = np.kron(u_c[c0:c1, c0:c1], u_t)  # (b, b) upper triangular
         inv_diag = 1.0 / np.diagonal(u_block)
         errors = np.empty((b1 - b0, n))
-        for j in range(b1 - b0):
-            row, q, err = wt[b0 + j], q_all[b0 + j], errors[j]
-            np.multiply(row, inv_scale, out=q)
-            q += zpf
-            np.rint(q, out=q)
-            np.clip(q, qmin, qmax, out=q)
-            if any_locked[b0 + j]:
-                np.copyto(q, nearest[b0 + j], where=locked[b0 + j])
-            np.subtract(q, zpf, out=err)
-            err *= scale
-            np.subtract(row, err, out=err)
-            err *= inv_diag[j]
-            if j + 1 < b1 - b0:
-                wt[b0 + j + 1:b1] -= np.multiply.outer(u_block[j, j + 1:], err)
+        for s0 in range(0, b1 - b0, SUB_BLOCK_COLUMNS):
+            s1 = min(b1 - b0, s0 + SUB_BLOCK_COLUMNS)
+            for j in range(s0, s1):
+                row, q, err = wt[b0 + j], q_all[b0 + j], errors[j]
+                np.multiply(row, inv_scale, out=q)
+                q += zpf
+                np.rint(q, out=q)
+                np.clip(q, qmin, qmax, out=q)
+                if any_locked[b0 + j]:
+                    np.copyto(q, nearest[b0 + j], where=locked[b0 + j])
+                np.subtract(q, zpf, out=err)
+                err *= scale
+                np.subtract(row, err, out=err)
+                err *= inv_diag[j]
+                if j + 1 < s1:
+                    wt[b0 + j + 1:b0 + s1] -= np.multiply.outer(u_block[j, j + 1:s1], err)
+            if s1 < b1 - b0:
+                wt[b0 + s1:b1] -= u_block[s0:s1, s1:].T @ errors[s0:s1]
         if c1 < c:
             # wt[later] -= kron(U_C[block, later], U_T)^T @ errors, as two GEMMs
             e3 = errors.reshape(c1 - c0, t, n)

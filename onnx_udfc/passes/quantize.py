@@ -5,10 +5,10 @@
                                                          E[x_c^2] without bias correction)
     b' = b + sum_{c,t} (W - W~)[o, c, t] E[x_c]          (bias correction: the expected output shift)
 
-Rounding (`options.rounding`): error feedback (`numerics._error_feedback`) through
-`H = Cov[x] + kappa E[x] E[x]^T` (`_rounding_hessian`), the input channel covariance from
-`stats.tensor_covariance` and the AR(1) taps correlation, for layers at `ERROR_FEEDBACK_MAX_BITS` or
-fewer; balanced rounding otherwise and where no covariance is known (the report's `rounding` says which).
+Rounding (`options.rounding`; `auto`: error feedback for layers at `ERROR_FEEDBACK_MAX_BITS` or fewer,
+balanced above): error feedback (`numerics._error_feedback`) through `H = Cov[x] + kappa E[x] E[x]^T`
+(`_rounding_hessian`), the input channel covariance from `stats.tensor_covariance` and the AR(1) taps
+correlation; balanced rounding where no covariance is known (the report's `rounding` says which).
 
 The input moments (E[x_c], Var[x_c]) come from the statistics model; without them the clipping is
 unweighted and there is no bias correction (the report says so). The per-channel noise variance
@@ -27,8 +27,6 @@ phase-averaged one of `stats.propagate.transposed_linear_moments`.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from ..ir.graph import attr
@@ -37,11 +35,15 @@ from ..numerics.quantize import MAX_COLUMNS, QuantSpec, bias_correction, fake_qu
 from ..stats.propagate import linear_moments, spatial_correlation, transposed_linear_moments
 from .base import PassContext
 
-#: error-feedback rounding is used up to this bit-width; above it, balanced rounding. At 8 bits it changed
-#: nothing measurable (ImageNet sample, KL to the original: MobileNetV2 0.0006 -> 0.0005, EfficientNet-Lite0
-#: 0.0006 -> 0.0004, agreement equal) and costs the input covariances of every layer (about 3x the time of a
-#: quantization-only run); at 4 bits it cut the KL by 30% (0.172 -> 0.117, 0.141 -> 0.101).
-ERROR_FEEDBACK_MAX_BITS = 6
+#: `--rounding auto` uses error feedback up to this bit-width and balanced rounding above it. Error feedback
+#: needs the input covariance of every layer: quantization-only runs take about 2-3x as long (MobileNetV2
+#: W6 1 -> 2 s, the ResNet-50-sized model 4.5 -> 8 s). ImageNet sample, top-1 / agreement / KL, balanced ->
+#: error feedback: W8 no change (KL 0.0006 -> 0.0005 / 0.0004); W6 MobileNetV2 0.830 / 0.972 / 0.0083 ->
+#: 0.832 / 0.976 / 0.0076, EfficientNet-Lite0 0.888 / 0.980 / 0.0073 -> 0.886 / 0.978 / 0.0059 (within a few
+#: images: not worth the time by default); W5 0.832 / 0.940 / 0.033 -> 0.834 / 0.940 / 0.026 and 0.890 /
+#: 0.964 / 0.024 -> 0.892 / 0.974 / 0.025; W4 0.794 / 0.890 / 0.172 -> 0.808 / 0.902 / 0.121 and 0.840 /
+#: 0.906 / 0.141 -> 0.860 / 0.914 / 0.108.
+ERROR_FEEDBACK_MAX_BITS = 5
 #: relative error of the predicted input means that the rounding hedges against (see `_rounding_hessian`):
 #: after ReLU the Gaussian model overestimates means by up to half (Fashion-MNIST VGG: 0.27 vs 0.17).
 #: ImageNet sample, W4 (top-1 / agreement / KL): covariance only (0) MobileNetV2 0.782 / 0.882 / 0.117,
@@ -51,8 +53,12 @@ MEAN_UNCERTAINTY = 0.5
 
 
 def quant_spec(options, bits: int) -> QuantSpec:
-    return QuantSpec(bits=bits, symmetric=options.grid == "symmetric", clip=options.clip,
-                     rounding=options.rounding)
+    """The recipe for one layer at `bits`; `--rounding auto` becomes error-feedback at
+    `ERROR_FEEDBACK_MAX_BITS` or fewer, else balanced."""
+    rounding = options.rounding
+    if rounding == "auto":
+        rounding = "error-feedback" if bits <= ERROR_FEEDBACK_MAX_BITS else "balanced"
+    return QuantSpec(bits=bits, symmetric=options.grid == "symmetric", clip=options.clip, rounding=rounding)
 
 
 def quantize_layer(ctx: PassContext, node, bits: int) -> None:
@@ -76,8 +82,6 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         tap_weight = tap_weight.reshape((c,) + (1,) * (rows.ndim - 2))
     spec = quant_spec(ctx.options, bits)
     covariance = tap_correlation = None
-    if spec.rounding == "error-feedback" and bits > ERROR_FEEDBACK_MAX_BITS:
-        spec = dataclasses.replace(spec, rounding="balanced")
     if spec.rounding == "error-feedback" and not grouped and node.op_type != "ConvTranspose" and ctx.stats is not None:
         covariance = _rounding_hessian(ctx.stats.input_covariance(node), moments, ctx.options.bias_correction)
         if rows.ndim > 2:

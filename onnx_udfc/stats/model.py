@@ -33,7 +33,7 @@ from .propagate import SPATIAL_RHO, MomentPropagator, max_of_gaussians, mean_spa
 log = logging.getLogger(__name__)
 
 #: widest tensor whose channel covariance `tensor_covariance` models ((C, C) float64 each, cached)
-MAX_COVARIANCE_CHANNELS = 2048
+MAX_COVARIANCE_CHANNELS = 1280
 
 Moments = Tuple[np.ndarray, np.ndarray]
 
