@@ -18,7 +18,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 from . import __version__
-from .config import ALLOCATIONS, CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS
+from .config import ALLOCATIONS, CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS, SYNTHETIC_INPUTS
 from .errors import UdfcError, UsageError, ValidationFailed
 
 log = logging.getLogger("onnx_udfc")
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto = combined if BN is kept, synthetic if folded (default auto)")
     p.add_argument("--samples", type=int, default=32, metavar="N",
                    help="synthetic images for --statistics synthetic (default 32)")
+    p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="pink",
+                   help="synthetic images for the statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
+                        "with random exponent, contrast and brightness per image; better on small models exported "
+                        "with BN folded, worse on folded ImageNet models) (default pink)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic and validation inputs (default 0)")
     p.add_argument("--quiet", "-q", action="store_true", help="no summary table on stderr")
     p.add_argument("--verbose", "-v", action="store_true", help="log progress")
@@ -138,7 +142,7 @@ def _run(args) -> int:
         model, checked_input_bytes=checked_bytes, prune=args.prune, bits=args.bits, method=args.method,
         input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
-        statistics=args.statistics, samples=args.samples,
+        statistics=args.statistics, samples=args.samples, synthetic_inputs=args.synthetic_inputs,
         select=args.select, allocation=args.allocation, channel_multiple=args.channel_multiple, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits,

@@ -12,7 +12,7 @@ from onnx_udfc.passes.base import PassContext
 from onnx_udfc.passes.compress import StatisticsPass
 from onnx_udfc.passes.fold_bn import FoldBatchNormPass
 from onnx_udfc.passes.normalize import NormalizeGraphPass
-from onnx_udfc.stats.sampled import batch_statistics_probe, pink_noise
+from onnx_udfc.stats.sampled import batch_statistics_probe, image_prior_noise, pink_noise
 
 
 def prepared(model, **options):
@@ -57,6 +57,50 @@ def test_pink_noise_is_standardised_and_spatially_correlated():
     lag1 = np.mean(x[:, :, :, 1:] * x[:, :, :, :-1])
     assert 0.5 < lag1 < 0.99
     np.testing.assert_array_equal(x, pink_noise((4, 3, 32, 32), seed=1))
+
+
+def test_image_prior_noise_varies_spectrum_contrast_and_brightness_per_image():
+    x = image_prior_noise((64, 3, 32, 32), seed=1, exponents=(1.0, 2.0), contrast=(0.3, 1.0), offset_sd=0.3)
+    assert x.dtype == np.float32 and x.shape == (64, 3, 32, 32)
+    np.testing.assert_array_equal(x, image_prior_noise((64, 3, 32, 32), seed=1))
+    assert not np.array_equal(x, image_prior_noise((64, 3, 32, 32), seed=2))
+    sd = x.std(axis=(2, 3))  # (B, C): one contrast per image, shared by its channels, within the prior's range
+    assert sd.min() > 0.3 - 1e-3 and sd.max() < 1.0 + 1e-3 and sd.std() > 0.1
+    np.testing.assert_allclose(sd, sd[:, :1].repeat(3, axis=1), rtol=1e-3)
+    mean = x.mean(axis=(2, 3))  # one brightness offset per image, shared by its channels
+    np.testing.assert_allclose(mean, mean[:, :1].repeat(3, axis=1), atol=1e-5)
+    assert 0.15 < mean[:, 0].std() < 0.45
+    # the spectral exponent varies: lag-1 correlation (smoothness) spreads over images
+    z = (x - mean[:, :, None, None]) / sd[:, :, None, None]
+    lag1 = np.mean(z[:, :, :, 1:] * z[:, :, :, :-1], axis=(1, 2, 3))
+    assert lag1.max() - lag1.min() > 0.1
+    # exponent fixed at 1, contrast 1, no offset: exactly the standardised pink noise of the same spectrum
+    y = image_prior_noise((4, 3, 16, 16), seed=3, exponents=(1.0, 1.0), contrast=(1.0, 1.0), offset_sd=0.0)
+    np.testing.assert_allclose(y.mean(axis=(2, 3)), 0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=(2, 3)), 1, atol=1e-4)
+
+
+def test_synthetic_inputs_pink_by_default_prior_on_request():
+    from builders import fold_all_batchnorm
+
+    model = fold_all_batchnorm(plain_chain(seed=7))
+    outputs = {kind: compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=6,
+                              statistics="synthetic", samples=16, validate=False,
+                              **({} if kind == "default" else {"synthetic_inputs": kind}))
+               for kind in ("default", "prior", "pink")}
+    blobs = {kind: out.SerializeToString() for kind, (out, _) in outputs.items()}
+    assert blobs["default"] == blobs["pink"] and blobs["prior"] != blobs["pink"]
+    assert "random spectral exponent" in outputs["prior"][1].statistics_source
+    assert "random spectral exponent" not in outputs["default"][1].statistics_source
+
+
+def test_synthetic_inputs_option_is_validated():
+    import pytest
+
+    from onnx_udfc.errors import UsageError
+
+    with pytest.raises(UsageError, match="synthetic-inputs"):
+        Options(synthetic_inputs="white").validate()
 
 
 def test_batch_statistics_probe_makes_bn_outputs_follow_the_prior():
