@@ -14,6 +14,8 @@ import logging
 
 import numpy as np
 
+from .covariance import nearest_psd
+
 __all__ = ["select_by_norm", "select_by_expected_error", "greedy_removal_order", "BackwardGreedy",
            "allocate_greedily", "aligned_removal", "effective_multiple"]
 
@@ -48,24 +50,45 @@ def select_by_norm(w, n_remove: int) -> np.ndarray:
 
 
 def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
-    """``Q = (cov + ridge * mean(diag(cov)) I)^{-1}``, symmetric; pseudo-inverse if singular.
+    """``Q = (cov+ + ridge * mean(diag(cov+)) I)^{-1}``, symmetric.
 
-    If every variance is 0 the ridge is taken relative to 1 instead.
+    ``cov+`` is ``cov`` where that makes the sum positive definite, else its projection on the positive
+    semi-definite cone (eigenvalues clipped at 0): covariances measured in float32 can have slightly
+    negative variances where a channel is nearly constant (a PaddleOCR classifier: variances -1e-7 next to
+    consumer weights of 1e15), and an indefinite Q makes the greedy's error increments negative and
+    unbounded. If every variance is 0 the ridge is taken relative to 1 instead; pseudo-inverse as a last
+    resort.
     """
-    from scipy.linalg.lapack import dpotrf, dpotri  # on first use: scipy.linalg costs 0.2 s to import
-
-    n = cov.shape[0]
-    scale = float(np.mean(np.diag(cov)))
-    a = cov + float(ridge) * (scale if scale > 0 else 1.0) * np.eye(n)
-    if np.all(np.isfinite(a)):  # Cholesky inverse: half the work of an LU inverse, exactly symmetric
-        factor, info = dpotrf(a, lower=1, clean=0)
-        if info == 0:
-            inverse, info = dpotri(factor, lower=1)
-            if info == 0:
-                return _mirror_lower(inverse)
+    for attempt in range(2):
+        a = _ridged(cov, ridge)
+        inverse = _cholesky_inverse(a)
+        if inverse is not None:
+            return inverse
+        if attempt == 0 and np.all(np.isfinite(cov)):
+            log.debug("select_by_expected_error: covariance not positive semi-definite, projected")
+            cov = nearest_psd(cov)
     log.debug("select_by_expected_error: covariance not positive definite, using pinv")
     q = np.linalg.pinv(a)
     return 0.5 * (q + q.T)
+
+
+def _ridged(cov: np.ndarray, ridge: float) -> np.ndarray:
+    scale = float(np.mean(np.maximum(np.diag(cov), 0.0)))
+    return cov + float(ridge) * (scale if scale > 0 else 1.0) * np.eye(cov.shape[0])
+
+
+def _cholesky_inverse(a: np.ndarray):
+    """Inverse of a symmetric positive definite ``a`` by Cholesky (half the work of LU, exactly symmetric),
+    or None when ``a`` is not positive definite or not finite."""
+    from scipy.linalg.lapack import dpotrf, dpotri  # on first use: scipy.linalg costs 0.2 s to import
+
+    if not np.all(np.isfinite(a)):
+        return None
+    factor, info = dpotrf(a, lower=1, clean=0)
+    if info != 0:
+        return None
+    inverse, info = dpotri(factor, lower=1)
+    return _mirror_lower(inverse) if info == 0 else None
 
 
 def _mirror_lower(a: np.ndarray, block: int = 256) -> np.ndarray:
@@ -135,7 +158,10 @@ class BackwardGreedy:
             if self.d >= self.max_remove:
                 self._next = (-1, np.inf)
             else:
-                delta = (self.t + self.g_diag) / np.maximum(self.s, _TINY)
+                # a candidate whose remaining precision vanished numerically costs inf (it is kept), not a warning
+                with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                    delta = (self.t + self.g_diag) / np.maximum(self.s, _TINY)
+                delta[~np.isfinite(delta)] = np.inf
                 delta[self.removed] = np.inf
                 c = int(np.argmin(delta))
                 self._next = (c, float(delta[c]))

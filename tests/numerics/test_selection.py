@@ -122,3 +122,22 @@ def test_precision_is_the_exact_symmetric_inverse_of_the_ridged_covariance(n):
     np.testing.assert_array_equal(q, q.T)
     ridged = cov + 0.1 * np.mean(np.diag(cov)) * np.eye(n)
     np.testing.assert_allclose(q @ ridged, np.eye(n), atol=1e-9)
+
+
+def test_indefinite_float32_covariance_and_huge_consumer_weights_stay_finite():
+    """Nearly constant channels measured in float32 can have variances of -1e-7 (a PaddleOCR classifier),
+    next to consumer weights of 1e15: the selection must neither warn nor pick a NaN."""
+    import warnings
+
+    rng = np.random.default_rng(3)
+    n = 12
+    a = rng.standard_normal((n, 3)) * 1e-4
+    cov = a @ a.T  # variances ~3e-8, rank 3
+    cov[np.diag_indices(n)[0][:4], np.diag_indices(n)[1][:4]] = -2e-8  # four negative variances; mean stays > 0
+    v = rng.standard_normal((5, n)) * 1e15
+    gram = v.T @ v
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        order, errors = greedy_removal_order(cov, gram, 8, ridge=0.1)
+    assert len(set(order.tolist())) == 8 and np.all(order >= 0) and np.all(order < n)
+    assert np.all(np.isfinite(errors)) and np.all(errors >= -1e-6 * abs(errors).max())
