@@ -35,7 +35,7 @@ INPUT_SHAPES = {
     "ch_PP-OCRv4_det_infer.onnx": {"x": (1, 3, 640, 640)},
     "ch_ppocr_mobile_v2.0_cls_infer.onnx": {"x": (1, 3, 48, 192)},
 }
-CELLS = [(0.0, 8), (0.0, 6), (0.1, 8)]
+CELLS = [(0.0, 8), (0.0, 6), (0.0, 4), (0.1, 8)]
 
 
 def reason_key(reason: str) -> str:
