@@ -84,8 +84,8 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
     covariance = tap_correlation = None
     if spec.rounding == "error-feedback" and not grouped and node.op_type != "ConvTranspose" and ctx.stats is not None:
         covariance = _rounding_hessian(ctx.stats.input_covariance(node), moments, ctx.options.bias_correction)
-        if rows.ndim > 2:
-            tap_correlation = spatial_correlation(*rows.shape[2:4]) if rows.ndim == 4 else None
+        if rows.ndim == 4:  # 1-D and 3-D kernels: taps taken as uncorrelated
+            tap_correlation = spatial_correlation(*rows.shape[2:4])
     if uses_error_feedback(rows.shape, spec, covariance):
         record["rounding"] = "error-feedback"
     else:

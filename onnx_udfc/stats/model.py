@@ -105,8 +105,7 @@ class AnalyticStatistics(StatisticsModel):
             up = self.chain_statistics(upstream)
             if up is not None and up[0].shape[0] == c_in:
                 input_corr, _ = cov_to_corr(up[1])
-        corr, _ = cov_to_corr(conv_preactivation_covariance(producer.rows, var_in, spatial_rho=self.spatial_rho,
-                                                            input_corr=input_corr))
+        corr = self._output_correlation(producer.rows, var_in, input_corr)
         mu, var = pre
         mean, cov = self._stage(mu, var, corr, chain.first)
         if chain.depthwise is None:
@@ -175,7 +174,7 @@ class AnalyticStatistics(StatisticsModel):
         cov_in = self.tensor_covariance(node.input[0])
         if cov_in is None:
             return None
-        corr, sigma = cov_to_corr(cov_in)
+        corr, _ = cov_to_corr(cov_in)
         return nearest_psd(activation_covariance(source[0], np.sqrt(np.maximum(source[1], 0.0)), corr, act))
 
     def _linear_output_covariance(self, node, moments: Moments) -> Optional[np.ndarray]:
@@ -187,12 +186,17 @@ class AnalyticStatistics(StatisticsModel):
         cov_in = self.tensor_covariance(node.input[0])
         if cov_in is not None:
             input_corr, _ = cov_to_corr(cov_in)
-        corr, _ = cov_to_corr(conv_preactivation_covariance(layer.rows, source[1], spatial_rho=self.spatial_rho,
-                                                            input_corr=input_corr))
+        corr = self._output_correlation(layer.rows, source[1], input_corr)
         std = np.sqrt(np.maximum(moments[1], 0.0))
         if std.shape[0] != corr.shape[0]:
             return None
         return corr * std[:, None] * std[None, :]
+
+    def _output_correlation(self, rows: np.ndarray, var_in: np.ndarray, input_corr) -> np.ndarray:
+        """(N, N) correlation of a linear layer's outputs: `W (Rin kron R_taps) W^T` with the input variances."""
+        corr, _ = cov_to_corr(conv_preactivation_covariance(rows, var_in, spatial_rho=self.spatial_rho,
+                                                            input_corr=input_corr))
+        return corr
 
     def _pooled_preactivation(self, mu, var, stage: Stage):
         for pool in stage.pools:
