@@ -5,12 +5,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional, Tuple
 
 from .errors import UsageError
+from .numerics.quantize import ROUNDINGS as QUANTIZER_ROUNDINGS
 
 METHODS = ("none", "mean", "merge", "udfc")
 SELECTIONS = ("expected-error", "norm")
 GRIDS = ("asymmetric", "symmetric")
 CLIPS = ("mse", "max")
-ROUNDINGS = ("auto", "error-feedback", "balanced", "nearest")
+ROUNDINGS = ("auto",) + QUANTIZER_ROUNDINGS  # auto: error-feedback at <= 5 bits, balanced above
 ALLOCATIONS = ("global", "uniform")
 STATISTICS = ("auto", "analytic", "synthetic", "combined")
 SYNTHETIC_INPUTS = ("pink", "prior")

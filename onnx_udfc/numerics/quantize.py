@@ -153,7 +153,6 @@ def _quantize_rows(w2, scale, zp, qmin, qmax, channels) -> np.ndarray:
     """
     n, d = w2.shape
     out = np.empty((n, d), dtype=np.float32)
-    s32, z32 = scale.astype(np.float32)[:, None], zp.astype(np.float32)[:, None]
     lock_lo, lock_hi = (qmin - zp) != 0, (qmax - zp) != 0
     for rows in _row_blocks(n, d, ROUND_BLOCK):
         q, r, e = _nearest_levels(w2[rows], scale[rows], zp[rows], qmin, qmax)
@@ -162,18 +161,18 @@ def _quantize_rows(w2, scale, zp, qmin, qmax, channels) -> np.ndarray:
             _balance(r.reshape(shape3), q.reshape(shape3), qmin, qmax, lock_lo[rows], lock_hi[rows],
                      e=e.reshape(shape3))
         del r, e
-        block = out[rows]
-        block[...] = q  # integers: exact in float32, and so are the steps below
         with _row_broadcast_buffers(d):
-            block -= z32[rows]
-            block *= s32[rows]
-        block += np.float32(0.0)  # no -0.0
+            _grid_values(q, scale[rows], zp[rows], out=out[rows])
     return out
 
 
-def _grid_values(levels: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> np.ndarray:
-    """``float32(q - zp) * float32(scale)`` per row of integer levels (N, D), (N, D) float32 (no -0.0)."""
-    out = levels.astype(np.float32)
+def _grid_values(levels: np.ndarray, scale: np.ndarray, zp: np.ndarray, out=None) -> np.ndarray:
+    """``float32(q - zp) * float32(scale)`` per row of integer levels (N, D): (N, D) float32 (no -0.0),
+    written into ``out`` when given. Integers are exact in float32, and so are the steps."""
+    if out is None:
+        out = levels.astype(np.float32)
+    else:
+        out[...] = levels
     out -= zp.astype(np.float32)[:, None]
     out *= scale.astype(np.float32)[:, None]
     out += np.float32(0.0)

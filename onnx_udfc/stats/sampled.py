@@ -44,17 +44,26 @@ def position_step(positions: int) -> int:
 
 def pink_noise(shape: Sequence[int], seed: int = 0, exponent: float = 1.0) -> np.ndarray:
     """(B, C, H, W) float32 noise with amplitude spectrum 1/f^exponent, standardised per image and channel."""
-    import scipy.fft
-
     b, c, h, w = shape
     rng = np.random.default_rng(seed)
     white = rng.standard_normal((b, c, h, w), dtype=np.float32)
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    f = np.sqrt(fy ** 2 + fx ** 2)
+    return _shaped_standardised(white, (1.0 / _frequency_radius(h, w) ** exponent).astype(np.float32))
+
+
+def _frequency_radius(h: int, w: int) -> np.ndarray:
+    """(H, W // 2 + 1) radial frequency of the rfft2 bins, the zero bin set to the lowest frequency 1 / max(H, W)."""
+    f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.rfftfreq(w)[None, :] ** 2)
     f[0, 0] = 1.0 / max(h, w)
-    spectrum = scipy.fft.rfft2(white) * (1.0 / f ** exponent).astype(np.float32)
-    x = scipy.fft.irfft2(spectrum, s=(h, w))
+    return f
+
+
+def _shaped_standardised(white: np.ndarray, amplitude: np.ndarray) -> np.ndarray:
+    """``irfft2(rfft2(white) * amplitude)`` standardised per image and channel: white (B, C, H, W) float32,
+    amplitude float32 broadcastable to (B, C, H, W // 2 + 1); float32 (B, C, H, W)."""
+    import scipy.fft
+
+    h, w = white.shape[2:]
+    x = scipy.fft.irfft2(scipy.fft.rfft2(white) * amplitude, s=(h, w))
     x -= x.mean(axis=(2, 3), keepdims=True)
     x /= x.std(axis=(2, 3), keepdims=True) + 1e-12
     return x.astype(np.float32, copy=False)
@@ -88,22 +97,15 @@ def image_prior_noise(shape: Sequence[int], seed: int = 0, exponents: Tuple[floa
 
     All draws come from one `default_rng(seed)`: deterministic for a given seed and shape.
     """
-    import scipy.fft
-
     b, c, h, w = shape
     rng = np.random.default_rng(seed)
     exponent = rng.uniform(exponents[0], exponents[1], size=b)
     scale = rng.uniform(contrast[0], contrast[1], size=b)
     offset = rng.normal(0.0, offset_sd, size=b) if offset_sd > 0 else np.zeros(b)
     white = rng.standard_normal((b, c, h, w), dtype=np.float32)
-    fy = np.fft.fftfreq(h)[:, None]
-    fx = np.fft.rfftfreq(w)[None, :]
-    f = np.sqrt(fy ** 2 + fx ** 2)
-    f[0, 0] = 1.0 / max(h, w)
-    filters = np.exp(-exponent[:, None, None] * np.log(f)[None]).astype(np.float32)  # (B, H, W//2+1) = f^-e_b
-    x = scipy.fft.irfft2(scipy.fft.rfft2(white) * filters[:, None], s=(h, w))
-    x -= x.mean(axis=(2, 3), keepdims=True)
-    x /= x.std(axis=(2, 3), keepdims=True) + 1e-12
+    log_f = np.log(_frequency_radius(h, w))
+    filters = np.exp(-exponent[:, None, None] * log_f[None]).astype(np.float32)  # (B, H, W//2+1) = f^-e_b
+    x = _shaped_standardised(white, filters[:, None])
     x = x * scale[:, None, None, None].astype(np.float32) + offset[:, None, None, None].astype(np.float32)
     return x.astype(np.float32, copy=False)
 
