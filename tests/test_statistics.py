@@ -211,3 +211,24 @@ def test_rounding_auto_uses_error_feedback_at_low_bit_widths():
                                validate=False)
     assert any(layer.get("rounding") == "error-feedback" for layer in report_forced.layers)
     assert out_forced.SerializeToString() != out_balanced.SerializeToString()
+
+
+def test_probe_statistics_do_not_depend_on_threads(monkeypatch):
+    import onnx_udfc.stats.sampled as sampled
+    from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu
+
+    b = ModelBuilder((1, 3, 64, 64), seed=3)
+    x = conv_bn_relu(b, "input", 32)
+    x = conv_bn_relu(b, x, 64)
+    x = conv_bn_relu(b, x, 64, group=64)
+    x = conv_bn_relu(b, x, 64)
+    model = calibrate_batchnorm(b.build(b.gemm(b.gap_flatten(x), 10)))
+    measured = {}
+    for threads in (1, 2):
+        monkeypatch.setattr(sampled, "probe_threads", lambda: threads)
+        ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="synthetic",
+                       samples=16)
+        measured[threads] = ctx.stats._measured
+    assert measured[1] and measured[1].keys() == measured[2].keys()
+    for name, (mean, cov) in measured[1].items():
+        assert np.array_equal(mean, measured[2][name][0]) and np.array_equal(cov, measured[2][name][1])

@@ -124,6 +124,10 @@ class BackwardGreedy:
 
     #: delayed rank-1 updates of U before they are folded in
     PENDING = 16
+    #: rows of U, P, G rows and G_DD allocated at first (grown by doubling)
+    INITIAL_ROWS = 64
+    #: the stored columns are compacted to the candidates when at least this fraction of them was removed
+    COMPACT_FRACTION = 0.125
 
     def __init__(self, cov, gram, max_remove: int, ridge: float = 1.0):
         cov = np.asarray(cov, dtype=np.float64)
@@ -135,19 +139,25 @@ class BackwardGreedy:
         self.max_remove = _check_n_remove(max_remove, n)
         self.q = _precision(0.5 * (cov + cov.T), ridge)
         self.g = 0.5 * (gram + gram.T)
+        # Everything indexed by candidate lives on the stored columns `cols` (channel indices, ascending): the
+        # removed channels' columns are never read again, and dropping them (`_compact`) shrinks the product
+        # that bounds a step (MobileNetV2's 1280-channel chain ends with 384 candidates).
+        self.cols = np.arange(n)
+        self.dropped = np.zeros(n, dtype=bool)  # stored columns whose channel was removed
         self.g_diag = np.diag(self.g).copy()
         self.s = np.diag(self.q).copy()
         self.t = np.zeros(n)
-        k = self.max_remove
-        self.u = np.zeros((k, n))  # rows: Q_DD^{-1} Q_{D,:}, before the pending updates
+        # rows grow with the removals (`_reserve`): a chain's greedy usually stops far below its cap
+        # (MobileNetV2 prune 0.3: 336 of 672 on a 960-channel chain), and all chains' states live at once
+        k = min(self.max_remove, self.INITIAL_ROWS)
+        self.u = np.zeros((k, n))  # rows: Q_DD^{-1} Q_{D,cols}, before the pending updates
         self.pending_cols = np.zeros((k, self.PENDING))  # P: U_c of each pending update (0 on later rows)
         self.pending_rows = np.zeros((self.PENDING, n))  # B: beta of each pending update
         self.n_pending = 0
-        self.g_rows = np.zeros((k, n))  # rows: G_{c,:} of the removed channels, in removal order
+        self.g_rows = np.zeros((k, n))  # rows: G_{c,cols} of the removed channels, in removal order
         self.g_dd = np.zeros((k, k))  # G_DD in removal order
-        self.order = np.zeros(k, dtype=np.int64)
-        self.errors = np.zeros(k)
-        self.removed = np.zeros(n, dtype=bool)
+        self.order = np.zeros(self.max_remove, dtype=np.int64)
+        self.errors = np.zeros(self.max_remove)
         self.d = 0
         self.err = 0.0
         self._next = None
@@ -156,56 +166,87 @@ class BackwardGreedy:
         """(channel, error increase) of the next removal; (-1, inf) when `max_remove` is reached."""
         if self._next is None:
             if self.d >= self.max_remove:
-                self._next = (-1, np.inf)
+                self._next = (-1, np.inf, -1)
             else:
                 # a candidate whose remaining precision vanished numerically costs inf (it is kept), not a warning
                 with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
                     delta = (self.t + self.g_diag) / np.maximum(self.s, _TINY)
                 delta[~np.isfinite(delta)] = np.inf
-                delta[self.removed] = np.inf
-                c = int(np.argmin(delta))
-                self._next = (c, float(delta[c]))
-        return self._next
+                delta[self.dropped] = np.inf
+                j = int(np.argmin(delta))  # stored columns ascend: ties go to the lower channel
+                self._next = (int(self.cols[j]), float(delta[j]), j)
+        return self._next[:2]
 
     def step(self) -> int:
         """Remove the best candidate; returns its index."""
         c, delta = self.peek()
         if c < 0:
             raise ValueError("max_remove reached")
+        j = self._next[2]  # c's stored column
         self._next = None
+        self._reserve(self.d + 1)
         d, g, q, m = self.d, self.g, self.q, self.n_pending
         ud, gd, idx = self.u[:d], self.g_rows[:d], self.order[:d]
         p, b = self.pending_cols[:d, :m], self.pending_rows[:m]
-        sc = max(float(self.s[c]), _TINY)
-        uc = ud[:, c] - p @ b[:, c]
+        sc = max(float(self.s[j]), _TINY)
+        uc = ud[:, j] - p @ b[:, j]
         g_c_d = g[c, idx]
         w = self.g_dd[:d, :d] @ uc  # G_DD U_c
-        h = gd[:, c] - w
+        h = gd[:, j] - w
         x = np.stack([h, q[c, idx], g_c_d, w])  # (4, |D|)
-        products = x @ ud - (x @ p) @ b  # (4, N) = x U
-        beta = (q[c] - products[1]) / sc
+        products = x @ ud - (x @ p) @ b  # (4, stored) = x U
+        g_c = g[c, self.cols]
+        beta = (q[c, self.cols] - products[1]) / sc
         new_row = products[2] - float(g_c_d @ uc) * beta + g[c, c] * beta
         self.t += (beta * (products[0] - products[3] + 2.0 * (uc @ gd)) - beta * beta * float(uc @ h)
-                   + beta * new_row - 2.0 * g[c] * beta)
+                   + beta * new_row - 2.0 * g_c * beta)
         if d:  # rank-1 update U -= U_c beta^T of the existing rows, delayed
             self.pending_cols[:d, m] = uc
             self.pending_rows[m] = beta
             self.n_pending = m = m + 1
         self.u[d] = beta
-        if m == self.PENDING:
-            self._fold_pending(d + 1)
-        self.g_rows[d] = g[c]
+        self.g_rows[d] = g_c
         self.g_dd[d, :d] = g_c_d
         self.g_dd[:d, d] = g_c_d
         self.g_dd[d, d] = g[c, c]
         self.s -= sc * beta * beta
-        self.removed[c] = True
+        self.dropped[j] = True
         self.err += delta
         self.order[d] = c
         self.errors[d] = self.err
         self.d += 1
+        if m == self.PENDING:
+            self._fold_pending(d + 1)
+            if np.count_nonzero(self.dropped) >= self.COMPACT_FRACTION * self.cols.size:
+                self._compact()
         return c
 
+    def _reserve(self, rows: int) -> None:
+        """Room for `rows` removals in U, P, the G rows and G_DD (capacity doubled, at most `max_remove`)."""
+        capacity = self.u.shape[0]
+        if rows <= capacity:
+            return
+        new = min(max(rows, 2 * capacity), self.max_remove)
+
+        def grown(a, shape):
+            out = np.zeros(shape)
+            out[tuple(slice(0, k) for k in a.shape)] = a
+            return out
+
+        self.u = grown(self.u, (new, self.cols.size))
+        self.pending_cols = grown(self.pending_cols, (new, self.PENDING))
+        self.g_rows = grown(self.g_rows, (new, self.cols.size))
+        self.g_dd = grown(self.g_dd, (new, new))
+
+    def _compact(self) -> None:
+        """Drop the removed channels' stored columns (no update pending)."""
+        keep = ~self.dropped
+        self.cols = self.cols[keep]
+        self.u = np.ascontiguousarray(self.u[:, keep])
+        self.g_rows = np.ascontiguousarray(self.g_rows[:, keep])
+        self.pending_rows = np.zeros((self.PENDING, self.cols.size))
+        self.t, self.s, self.g_diag = self.t[keep], self.s[keep], self.g_diag[keep]
+        self.dropped = np.zeros(self.cols.size, dtype=bool)
 
     def _fold_pending(self, rows: int) -> None:
         """``U_stored[:rows] -= P B``; no update pending afterwards."""
