@@ -232,3 +232,22 @@ def test_probe_statistics_do_not_depend_on_threads(monkeypatch):
     assert measured[1] and measured[1].keys() == measured[2].keys()
     for name, (mean, cov) in measured[1].items():
         assert np.array_equal(mean, measured[2][name][0]) and np.array_equal(cov, measured[2][name][1])
+
+
+def test_probed_shape_falls_back_to_the_layer_before_the_activation():
+    from onnx_udfc.stats.sampled import probed_shape
+
+    checked = 0
+    for model in (plain_chain(seed=1), depthwise_block(seed=1)):
+        ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3)
+        for chain in ctx.chains:
+            truth = ctx.shapes[chain.last_stage.output]
+            assert probed_shape(chain, ctx.shapes) == truth
+            layer = chain.depthwise if chain.depthwise is not None else chain.producer
+            if chain.last_stage.pools or layer.output[0] == chain.last_stage.output:  # nothing to fall back on
+                continue
+            # inference stopped before the activations (as on TF-style exports): same shape from the layers
+            partial = {k: v for k, v in ctx.shapes.items() if k != chain.last_stage.output}
+            assert probed_shape(chain, partial) == truth
+            checked += 1
+    assert checked >= 3
