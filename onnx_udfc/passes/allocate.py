@@ -50,11 +50,14 @@ def normalised_gram(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
 
     v_taps: (M, N, T) consumer weights; cov: (N, N) its input covariance. ``Var[y_m] = sum_t V_mt cov V_mt^T``
     (taps read independent positions), floored at 1e-3 of the mean so dead outputs do not dominate.
+    Two matrix products over the (M * T, N) rows ``V[m, :, t]``.
     """
-    var_y = np.einsum("mnt,nk,mkt->m", v_taps, cov, v_taps, optimize=True)
+    m, n, t = v_taps.shape
+    rows = np.ascontiguousarray(v_taps.transpose(0, 2, 1)).reshape(m * t, n)
+    var_y = np.einsum("rn,rn->r", rows @ cov, rows).reshape(m, t).sum(axis=1)
     floor = 1e-3 * max(float(np.mean(var_y)), 1e-30)
-    weight = 1.0 / (v_taps.shape[0] * np.maximum(var_y, floor))
-    return np.einsum("mnt,m,mkt->nk", v_taps, weight, v_taps, optimize=True)
+    weight = 1.0 / (m * np.maximum(var_y, floor))
+    return (rows.T * np.repeat(weight, t)) @ rows
 
 
 def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[BackwardGreedy]:
