@@ -342,11 +342,11 @@ def bias_correction(w, w_q, input_mean, group: int = 1) -> np.ndarray:
     Returns:
         delta_b: (N,) float64.
     """
-    w64 = np.asarray(w, dtype=np.float64)
-    d = w64 - np.asarray(w_q, dtype=np.float64)
-    if d.shape != w64.shape or w64.ndim < 2:
+    w, w_q = np.asarray(w), np.asarray(w_q)
+    if w.shape != w_q.shape or w.ndim < 2:
         raise ValueError("w and w_q must have the same shape (N, C, ...)")
-    n, cg = w64.shape[:2]
+    d = np.subtract(w, w_q, dtype=np.float64)  # exact differences, without float64 copies of w and w_q
+    n, cg = w.shape[:2]
     if group < 1 or n % group:
         raise ValueError(f"N={n} is not divisible by group={group}")
     m = np.asarray(input_mean, dtype=np.float64).reshape(-1)
