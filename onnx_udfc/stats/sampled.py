@@ -249,8 +249,8 @@ def return_freed_memory() -> None:
     """Give the free pages of the C heap back to the system (glibc's `malloc_trim`; nothing elsewhere).
 
     onnxruntime frees the probe's feature maps into the heap, and glibc keeps most of them resident:
-    MobileNetV2 prune 0.3 held 357 MB after sampling, 200 MB after the trim (the greedy allocation that
-    follows peaked at 524 MB, now 448 MB).
+    MobileNetV2 prune 0.3 held 357 MB after sampling, 200 MB after the trim, and the peak of the greedy
+    allocation that follows fell by as much (524 -> 448 MB).
     """
     import ctypes
 
