@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -47,12 +47,17 @@ def compress(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method:
 def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 32, method: str = "udfc",
                         input_shapes: Optional[Dict[str, tuple]] = None, validate: bool = True,
                         max_rel_error: Optional[float] = None, checked_input_bytes: Optional[int] = None,
+                        reload_input: Optional[Callable[[], onnx.ModelProto]] = None,
                         **options) -> Tuple[onnx.ModelProto, Report, bytes]:
     """`compress`, also returning the compressed model serialised (deterministic bytes, as checked by
     onnx.checker): a caller that writes the model saves serialising it again.
 
     `checked_input_bytes`: the input's serialised size when the caller already ran `check_supported` on
     its bytes (read from a file): neither the check nor the size needs the model serialised again.
+    `reload_input`: a function returning a fresh copy of the input (the CLI re-reads its file). With it,
+    `model` itself is compressed (and returned) instead of a copy, and the untouched input is re-read where
+    it is needed, by the statistics probe and the validation: one model's size less in memory throughout
+    (ResNet-50-sized W6: 100 MB of a 614 MB peak).
     """
     start = time.perf_counter()
     opts = Options(prune=prune, bits=bits, method=method, input_shapes=dict(input_shapes or {}), **options).validate()
@@ -67,11 +72,16 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
     shapes_one = infer_static_shapes(model, one)
     before = ModelSize(count_params(model), input_bytes, count_macs(model, shapes, shapes=shapes_one))
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if reload_input is None:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     graph = Graph(out)
-    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes, original=model,
+    ctx = PassContext(graph=graph, options=opts, input_shapes=shapes,
+                      original=model if reload_input is None else None, reload_original=reload_input,
                       original_shapes=shapes_one if one == shapes else None)
+    del model
     records = []
     if opts.prune > 0 or opts.quantize:
         passes = [NormalizeGraphPass(), FoldBatchNormPass(), StatisticsPass(), CompressLayersPass(), CleanupPass()]
@@ -100,7 +110,9 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
         from .validate.compare import compare_models
 
         t0 = time.perf_counter()
-        metrics = compare_models(model, serialized, shapes, seed=opts.seed)
+        original, _ = ctx.input_model()
+        metrics = compare_models(original, serialized, shapes, seed=opts.seed)
+        del original
         report.validation = {"inputs": "seeded synthetic (pink-noise images, else standard normal), batch 8", "seed": opts.seed, "outputs": metrics}
         report.seconds["validate"] = round(time.perf_counter() - t0, 4)
         if max_rel_error is not None:

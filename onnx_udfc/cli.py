@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source of the channel covariances used by udfc/mean and the selection: analytic (BN prior), "
                         "synthetic (pink noise through the model), combined (their average), "
                         "auto = combined if BN is kept, synthetic if folded (default auto)")
-    p.add_argument("--samples", type=int, default=32, metavar="N",
-                   help="synthetic images for --statistics synthetic (default 32)")
+    p.add_argument("--samples", type=int, default=64, metavar="N",
+                   help="synthetic images pushed through the model for synthetic / combined statistics (default 64)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="pink",
                    help="synthetic images for the statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
                         "with random exponent, contrast and brightness per image; better on small models exported "
@@ -130,6 +130,7 @@ def _run(args) -> int:
         raise UsageError("--depthwise-bits must be >= 0")
     shapes = parse_input_shapes(args.input_shape)
     t0 = time.perf_counter()
+    input_stamp = _file_stamp(args.input)
     model, data_files, serialized_input = read_model_bytes(args.input)
     _check_data_files_kept(args, data_files)
     checked_bytes = None
@@ -138,8 +139,16 @@ def _run(args) -> int:
         checked_bytes = len(serialized_input)
         del serialized_input
     load_seconds = time.perf_counter() - t0
+
+    def reload_input():
+        """The input again, for the statistics probe and the validation (no copy of it is kept meanwhile)."""
+        if _file_stamp(args.input) != input_stamp:
+            raise UsageError(f"the input file changed while it was being compressed: {args.input}")
+        return read_model_bytes(args.input)[0]
+
     compressed, report, serialized = compress_serialized(
-        model, checked_input_bytes=checked_bytes, prune=args.prune, bits=args.bits, method=args.method,
+        model, checked_input_bytes=checked_bytes, reload_input=reload_input,
+        prune=args.prune, bits=args.bits, method=args.method,
         input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
         statistics=args.statistics, samples=args.samples, synthetic_inputs=args.synthetic_inputs,
@@ -155,6 +164,15 @@ def _run(args) -> int:
     report.after.bytes = os.path.getsize(args.output) + (os.path.getsize(written_data) if written_data else 0)
     _emit_report(args, report)
     return 0
+
+
+def _file_stamp(path: str) -> tuple:
+    """(size, modification time) of a file: whether it changed between two reads."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _same_file(a: str, b: str) -> bool:

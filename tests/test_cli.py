@@ -299,3 +299,29 @@ def test_dynamic_spatial_dims_need_input_shape(tmp_path):
     assert rc == 2 and "--input-shape" in err
     rc, err = cli(str(path), str(tmp_path / "o.onnx"), "--bits", "8", "--input-shape", "input:1x3x16x16")
     assert rc == 0, err
+
+
+def test_cli_output_and_validation_equal_the_api_s(model_path, tmp_path):
+    """The CLI compresses the model it read in place and re-reads the input for the statistics probe and the
+    validation instead of keeping a copy: same bytes and same validation as the API, which copies."""
+    from onnx_udfc import compress
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    assert main([model_path, str(out), "--prune", "0.3", "--bits", "6", "-q", "--report", str(rep)]) == 0
+    model = onnx.load(model_path)
+    expected, report = compress(model, prune=0.3, bits=6)
+    assert out.read_bytes() == expected.SerializeToString(deterministic=True)
+    assert json.loads(rep.read_text())["validation"]["outputs"] == json.loads(report.to_json())["validation"]["outputs"]
+    assert onnx.load(model_path).SerializeToString() == model.SerializeToString()  # the API left its input alone
+
+
+def test_input_changed_during_the_run_is_an_error(model_path, tmp_path, monkeypatch, capsys):
+    import onnx_udfc.cli as cli_module
+
+    stamps = iter([(1, 1), (2, 2)])
+    monkeypatch.setattr(cli_module, "_file_stamp", lambda path: next(stamps, (3, 3)))
+    out = tmp_path / "o.onnx"
+    assert main([model_path, str(out), "--prune", "0.3", "--bits", "6", "-q"]) != 0
+    err = capsys.readouterr().err
+    assert "input file changed" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

@@ -59,6 +59,16 @@ class Graph:
         self.flush()
         return self._model
 
+    @property
+    def model_unflushed(self) -> onnx.ModelProto:
+        """The ModelProto without the weights written since the last flush (`pending_weights`)."""
+        return self._model
+
+    @property
+    def pending_weights(self) -> Dict[str, np.ndarray]:
+        """Weights written since the last flush, by initializer name (read-only view)."""
+        return dict(self._pending)
+
     def flush(self) -> None:
         """Serialise the pending weights into their initializers, once each.
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UsageError
 
@@ -87,13 +87,15 @@ def with_batch(model: onnx.ModelProto, input_shapes: Dict[str, Shape], batch: in
 
 
 def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape],
-                        known: Optional[Dict[str, Shape]] = None) -> Dict[str, Shape]:
+                        known: Optional[Dict[str, Shape]] = None,
+                        runnable: Optional[Callable[[], onnx.ModelProto]] = None) -> Dict[str, Shape]:
     """Shapes of every tensor when the inputs have `input_shapes` (model is not modified).
 
     Returns only fully static shapes; tensors whose shape stays unknown are absent. `known`: shapes found
     earlier for tensors of the same name in a model with the same inputs and the same shapes for them (the
     input model, before BN folding): where static inference fails, they are used before running the model
     in onnxruntime (a run of the whole model, per call, on TF-style exports with computed pads).
+    `runnable`: the model with its weights for that run, when `model` is a weightless view (`graph_view`).
     """
     m = weightless_copy(model)
     del m.graph.value_info[:]
@@ -123,6 +125,7 @@ def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape],
         shapes.update((o, known[o]) for o in missing if o in known)
         missing = [o for o in missing if o not in shapes]
     if missing:
+        model = runnable() if runnable is not None else model
         found = _shapes_from_a_run(model, input_shapes, missing)
         if not found:  # a Pad on an integer tensor makes the float-typed probe fail: retry without Pads
             producers = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -202,6 +205,30 @@ def weightless_copy(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             g.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims)
     return dest
+
+
+def graph_view(graph) -> onnx.ModelProto:
+    """`weightless_copy` of a `Graph`'s model as it stands, its pending weights included (their dims, and the
+    values of small ones): what shape inference reads, without writing the pending weights into the model.
+
+    Every write of a weight into the ModelProto leaves the old bytes in the protobuf arena until the model
+    is freed; shape inference between BN folding and compression used to write all folded weights once
+    more (ResNet-50-sized: 100 MB).
+    """
+    graph.refresh()
+    view = weightless_copy(graph.model_unflushed)
+    pending = graph.pending_weights
+    if pending:
+        for t in view.graph.initializer:
+            array = pending.get(t.name)
+            if array is None:
+                continue
+            if array.size <= SMALL_TENSOR:
+                t.CopyFrom(numpy_helper.from_array(array, t.name))
+            else:
+                t.CopyFrom(TensorProto(name=t.name, dims=array.shape,
+                                       data_type=helper.np_dtype_to_tensor_dtype(array.dtype)))
+    return view
 
 
 def refresh_value_info(model: onnx.ModelProto) -> None:

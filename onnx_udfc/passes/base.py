@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import onnx
 
@@ -46,12 +46,20 @@ class PassContext:
     layers: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     quant_noise: Dict[str, Any] = field(default_factory=dict)
     residual_noise: Dict[str, Any] = field(default_factory=dict)
-    original: Any = None  # the input ModelProto, read-only (synthetic statistics run it)
+    original: Any = None  # the input ModelProto, read-only (synthetic statistics run it); see `input_model`
+    reload_original: Optional[Callable[[], onnx.ModelProto]] = None  # a fresh copy of the input, when not kept
     original_shapes: Optional[Dict[str, tuple]] = None  # the input's inferred shapes, when at `input_shapes`
     chains: List[Any] = field(default_factory=list)
     rejections: List[Any] = field(default_factory=list)
     coupled_groups: List[List[str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+
+    def input_model(self) -> Tuple[onnx.ModelProto, bool]:
+        """(the untouched input model, whether the caller may modify it): `original` (read-only), else a fresh
+        copy from `reload_original` (the CLI re-reads the input file instead of keeping a copy in memory)."""
+        if self.original is not None:
+            return self.original, False
+        return self.reload_original(), True
 
     def layer(self, node: onnx.NodeProto) -> Dict[str, Any]:
         """Report record of `node` (created on first use)."""

@@ -14,7 +14,7 @@ from typing import Dict, List, Set
 import onnx
 
 from ..ir.layers import LINEAR_OPS, read_layer
-from ..ir.shapes import infer_static_shapes, refresh_value_info
+from ..ir.shapes import graph_view, infer_static_shapes, refresh_value_info
 from ..ir.graph import attr
 from ..patterns.chains import ChainFinder, is_depthwise
 from ..patterns.groups import coupled_groups
@@ -34,7 +34,8 @@ class StatisticsPass(Pass):
     name = "statistics"
 
     def run(self, ctx: PassContext) -> PassResult:
-        ctx.shapes = infer_static_shapes(ctx.graph.model, ctx.input_shapes, known=ctx.original_shapes)
+        ctx.shapes = infer_static_shapes(graph_view(ctx.graph), ctx.input_shapes, known=ctx.original_shapes,
+                                         runnable=lambda: ctx.graph.model)
         ctx.chains, ctx.rejections = ChainFinder(ctx.graph, ctx.shapes).find()
         ctx.coupled_groups = coupled_groups(ctx.graph)
         kind = ctx.options.statistics
@@ -50,9 +51,11 @@ class StatisticsPass(Pass):
             ctx.options.selection_ridge = 0.01 if inputs == "prior" else 0.1
         sampled = {"synthetic": SampledStatistics, "combined": CombinedStatistics}.get(kind)
         if sampled is not None and ctx.options.prune > 0 and ctx.chains and _single_image_input(ctx):
-            ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.original, ctx.chains,
+            original, owned = ctx.input_model()
+            ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, original, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
-                                original_shapes=ctx.original_shapes, synthetic=inputs)
+                                original_shapes=ctx.original_shapes, synthetic=inputs, original_owned=owned)
+            del original
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
