@@ -119,8 +119,7 @@ def _validation_failed(args, exc: ValidationFailed) -> int:
 
 
 def _run(args) -> int:
-    from .api import compress_serialized
-    from .ir.io import check_supported, read_model_bytes, save_model
+    from .ir.io import check_supported, read_model_bytes, temporary_file_beside
     from .ir.shapes import parse_input_shapes
 
     _check_paths(args)
@@ -146,8 +145,30 @@ def _run(args) -> int:
             raise UsageError(f"the input file changed while it was being compressed: {args.input}")
         return read_model_bytes(args.input)[0]
 
+    # the model is written straight into a temporary file beside the output, renamed over it once checked
+    # and validated (see `compress_serialized`)
+    staged = temporary_file_beside(args.output)
+    try:
+        written_data, save_seconds, report = _compress_to(staged, args, model, checked_bytes, reload_input, shapes)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    report.seconds["load"] = round(load_seconds, 4)
+    report.seconds["save"] = round(save_seconds, 4)
+    report.before.bytes = os.path.getsize(args.input) + sum(os.path.getsize(f) for f in data_files)
+    report.after.bytes = os.path.getsize(args.output) + (os.path.getsize(written_data) if written_data else 0)
+    _emit_report(args, report)
+    return 0
+
+
+def _compress_to(staged: str, args, model, checked_bytes, reload_input, shapes):
+    """Compress into the file `staged`, then move it to `args.output` (or save the serialised model there
+    when `compress_serialized` kept it in memory); (external data file or None, save seconds, report)."""
+    from .api import compress_serialized
+    from .ir.io import replace_file, save_model
+
     compressed, report, serialized = compress_serialized(
-        model, checked_input_bytes=checked_bytes, reload_input=reload_input,
+        model, checked_input_bytes=checked_bytes, reload_input=reload_input, output_file=staged,
         prune=args.prune, bits=args.bits, method=args.method,
         input_shapes=shapes,
         validate=not args.no_validate, max_rel_error=args.max_rel_error, seed=args.seed,
@@ -157,13 +178,12 @@ def _run(args) -> int:
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits,
         depthwise_bits=None if args.depthwise_bits == 0 else args.depthwise_bits, debug=args.debug)
     t1 = time.perf_counter()
-    written_data = save_model(compressed, args.output, serialized=serialized)
-    report.seconds["load"] = round(load_seconds, 4)
-    report.seconds["save"] = round(time.perf_counter() - t1, 4)
-    report.before.bytes = os.path.getsize(args.input) + sum(os.path.getsize(f) for f in data_files)
-    report.after.bytes = os.path.getsize(args.output) + (os.path.getsize(written_data) if written_data else 0)
-    _emit_report(args, report)
-    return 0
+    if serialized is None:
+        replace_file(staged, args.output)
+        written_data = None
+    else:
+        written_data = save_model(compressed, args.output, serialized=serialized)
+    return written_data, time.perf_counter() - t1, report
 
 
 def _file_stamp(path: str) -> tuple:

@@ -228,3 +228,34 @@ def test_saving_with_external_data_keeps_the_model_in_memory_unchanged(tmp_path)
     assert model.SerializeToString() == expected
     assert save_model(model, str(tmp_path / "p.onnx"), external_data=False) is None
     assert sorted(os.listdir(tmp_path)) == ["o.onnx", "o.onnx.data", "p.onnx"]
+
+
+def test_streamed_serialisation_equals_the_protobuf_one():
+    import io as bytes_io
+
+    from onnx_udfc.ir.io import write_serialized
+
+    model = plain_chain()
+    model.doc_string = "doc"
+    model.metadata_props.add(key="k", value="v")
+    model.graph.doc_string = "graph doc"
+    model.graph.value_info.add(name="x")
+    empty = onnx.ModelProto()
+    empty.CopyFrom(model)
+    del empty.graph.initializer[:]
+    for m in (model, empty):
+        buffer = bytes_io.BytesIO()
+        assert write_serialized(m, buffer) == len(buffer.getvalue())
+        assert buffer.getvalue() == m.SerializeToString(deterministic=True)
+
+
+def test_cli_output_has_the_permissions_of_a_plain_file(tmp_path):
+    from onnx_udfc.cli import main
+
+    src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(plain_chain(), str(src))
+    assert main([str(src), str(dst), "--bits", "8", "-q", "--no-validate"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(dst).st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(os.listdir(tmp_path)) == ["in.onnx", "out.onnx"]  # no temporary file left

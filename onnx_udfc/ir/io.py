@@ -153,6 +153,41 @@ def check_output_folder(path: str) -> str:
     return folder
 
 
+def needs_external_data(model: onnx.ModelProto) -> bool:
+    """True when `model`'s weights take it near the protobuf limit (`save_model` then splits them off).
+
+    Summed tensor by tensor: the model's `ByteSize()` serialises it whole (ResNet-50-sized: 200 MB at peak).
+    """
+    return sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+
+
+def temporary_file_beside(path: str) -> str:
+    """A new empty file in `path`'s folder (a rename onto `path` is then atomic); the caller removes it."""
+    folder = check_output_folder(path)
+    try:
+        return _new_file(folder)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
+
+
+def _new_file(folder: str) -> str:
+    """A new empty file in `folder` with the permissions a plain `open` would give it (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".onnx", dir=folder)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
+def replace_file(source: str, path: str) -> None:
+    """Rename `source` onto `path` (same folder: atomic), or a one-line UsageError."""
+    try:
+        os.replace(source, path)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
+
+
 def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] = None,
                serialized: Optional[bytes] = None) -> Optional[str]:
     """Write `model` to `path` atomically (temporary files in the same folder, then renames).
@@ -169,8 +204,7 @@ def save_model(model: onnx.ModelProto, path: str, external_data: Optional[bool] 
         external_data = (len(serialized) if serialized is not None else model.ByteSize()) > EXTERNAL_DATA_THRESHOLD
     tmp = tmp_data = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".udfc-", suffix=".onnx", dir=folder)
-        os.close(fd)
+        tmp = _new_file(folder)
         if external_data:
             tmp_data = os.path.join(folder, os.path.basename(tmp) + ".data")
             _write_with_external_data(model, tmp, tmp_data, data_file_for(path))
@@ -251,3 +285,67 @@ def write_text_atomic(path: str, text: str) -> None:
         if isinstance(exc, OSError):
             raise UsageError(f"cannot write {path}: {exc.strerror or _first_line(exc)}") from None
         raise
+
+
+def write_serialized(model: onnx.ModelProto, f) -> int:
+    """Write ``model.SerializeToString(deterministic=True)`` to the binary file `f`, one initializer at a
+    time; returns the number of bytes written.
+
+    Serialising a 100 MB model at once holds its bytes and the encoder's buffer (about 200 MB more at peak);
+    here the largest transient is one weight. A message's deterministic encoding is its fields in
+    field-number order, so the model is written as: its fields before `graph`, the graph's tag and length,
+    the graph's fields before `initializer`, every initializer (tag, length, bytes), the graph's fields
+    after it, the model's fields after `graph`. `test_streamed_serialisation_equals_the_protobuf_one`
+    checks the bytes are the same.
+    """
+    graph = model.graph
+    graph_head, graph_tail = _split_fields(graph, _GRAPH_INITIALIZER)
+    model_head, model_tail = _split_fields(model, _MODEL_GRAPH)
+    sizes = [t.ByteSize() for t in graph.initializer]
+    initializer_tag = _varint(_GRAPH_INITIALIZER << 3 | 2)
+    graph_size = (len(graph_head) + len(graph_tail)
+                  + sum(len(initializer_tag) + len(_varint(n)) + n for n in sizes))
+    written = 0
+    for piece in (model_head, _varint(_MODEL_GRAPH << 3 | 2), _varint(graph_size), graph_head):
+        written += f.write(piece)
+    for tensor, size in zip(graph.initializer, sizes):
+        written += f.write(initializer_tag) + f.write(_varint(size))
+        written += f.write(tensor.SerializeToString(deterministic=True))
+    written += f.write(graph_tail) + f.write(model_tail)
+    return written
+
+
+_MODEL_GRAPH = onnx.ModelProto.GRAPH_FIELD_NUMBER
+_GRAPH_INITIALIZER = onnx.GraphProto.INITIALIZER_FIELD_NUMBER
+
+
+def _split_fields(message, number: int) -> Tuple[bytes, bytes]:
+    """Deterministic encodings of `message`'s set fields numbered below / above `number` (that field left out).
+
+    Built from fresh messages that receive copies of those fields only: the left-out field (a graph or the
+    initializers, the model's weights) is never copied.
+    """
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        if field.number == number:
+            continue
+        part = head if field.number < number else tail
+        if field.is_repeated:
+            getattr(part, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+    return head.SerializeToString(deterministic=True), tail.SerializeToString(deterministic=True)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

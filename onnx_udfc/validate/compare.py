@@ -39,26 +39,26 @@ def synthetic_inputs(model: onnx.ModelProto, input_shapes: Dict[str, tuple], see
     return feeds
 
 
-def _session(model: Union[onnx.ModelProto, bytes]):
+def _session(model: Union[onnx.ModelProto, bytes, str]):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
-    data = model if isinstance(model, bytes) else model.SerializeToString()
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
     return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: Union[onnx.ModelProto, bytes], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
-    """Outputs of `model` (a ModelProto or its serialised bytes) in onnxruntime, graph optimisations off."""
+def run_model(model: Union[onnx.ModelProto, bytes, str], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:
+    """Outputs of `model` (a ModelProto, its serialised bytes or its file) in onnxruntime, graph optimisations off."""
     return _session(model).run(None, feeds)
 
 
-def compare_models(original: onnx.ModelProto, compressed: Union[onnx.ModelProto, bytes],
+def compare_models(original: onnx.ModelProto, compressed: Union[onnx.ModelProto, bytes, str],
                    input_shapes: Dict[str, tuple], seed: int = 0, batch: int = 8) -> Dict[str, dict]:
     """Metrics per output name; raises ValidationFailed when outputs differ in name, shape or dtype.
 
-    `compressed` may be given serialised (the bytes onnx.checker passed)."""
+    `compressed` may be given serialised (the bytes onnx.checker passed) or as the path of its file."""
     from ..ir.shapes import with_batch
 
     shapes = with_batch(original, input_shapes, batch)
