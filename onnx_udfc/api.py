@@ -57,12 +57,13 @@ def compress_serialized(model: onnx.ModelProto, prune: float = 0.0, bits: int = 
     its bytes (read from a file): neither the check nor the size needs the model serialised again.
     `reload_input`: a function returning a fresh copy of the input (the CLI re-reads its file). With it,
     `model` itself is compressed (and returned) instead of a copy, and the untouched input is re-read where
-    it is needed, by the statistics probe and the validation: one model's size less in memory throughout
-    (ResNet-50-sized W6: 100 MB of a 614 MB peak).
+    it is needed, by the statistics probe and the validation: one copy of the model less in memory while it
+    runs (100 MB on the ResNet-50-sized model).
     `output_file`: a path the compressed model is written to (the CLI's temporary file) instead of being
     serialised in memory; the checker and the validation then read that file, and the bytes returned are
     None. Serialising in memory holds the bytes and the encoder's buffer, about twice the model's size
-    (ResNet-50-sized W6: peak 550 -> 444 MB). Models near the protobuf limit are serialised as before.
+    (ResNet-50-sized W6: peak 550 -> 454 MB in process). Models near the protobuf limit are serialised as
+    before.
     """
     start = time.perf_counter()
     opts = Options(prune=prune, bits=bits, method=method, input_shapes=dict(input_shapes or {}), **options).validate()

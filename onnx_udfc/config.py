@@ -49,7 +49,7 @@ class Options:
         is noisy where feature maps are small (7 x 7 positions per image on MobileNetV2's widest chains);
         ImageNet sample, udfc prune 0.1 / 0.3 / 0.5 + W8 top-1 with 32 -> 64: MobileNetV2 0.786 / 0.610 /
         0.202 -> 0.804 / 0.636 / 0.224, EfficientNet-Lite0 0.844 / 0.560 / 0.162 -> 0.846 / 0.584 / 0.180
-        (128: no better); about 1 s more on MobileNetV2.
+        (128: no better); MobileNetV2's statistics pass 1.9 -> 2.6 s.
     synthetic_inputs: the images `synthetic` / `combined` statistics push through the model: `pink`
         (unit-contrast 1/f noise, default) or `prior` (1/f^e noise with per-image random exponent, contrast
         and brightness, `image_prior_noise`). `prior` is much better on the Fashion-MNIST models exported with
