@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import ModelBuilder, random_input, rel_error, run
+from builders import ModelBuilder, calibrate_batchnorm, random_input, rel_error, run
 from onnx_udfc import compress
 from onnx_udfc.ir.graph import Graph
 from onnx_udfc.ir.shapes import infer_static_shapes
@@ -153,17 +153,52 @@ def test_squeeze_excitation_is_rejected_with_a_clear_reason_and_still_quantized(
     assert rel_error(run(model, x), run(out, x)) < 0.05
 
 
-def test_per_channel_prelu_is_rejected_and_scalar_prelu_is_leakyrelu():
-    def prelu(slope):
-        def spell(b, x):
-            return same(b, "PRelu", [x, b.const(np.asarray(slope, np.float32), "slope")], x)
-        return spell
+def prelu(slope):
+    def spell(b, x):
+        return same(b, "PRelu", [x, b.const(np.asarray(slope, np.float32), "slope")], x)
+    return spell
 
-    chains, rejections = chains_of(twin_chain(prelu(np.linspace(0.1, 0.3, 8).reshape(8, 1, 1))))
-    assert not chains and "per-channel slopes" in rejections[0].reason
+
+def test_scalar_prelu_is_leakyrelu_and_per_channel_prelu_keeps_its_slopes():
     chains, _ = chains_of(twin_chain(prelu(np.full((1, 1, 1), 0.25))))
     assert len(chains) == 1
     assert chains[0].first.activation == Activation("leakyrelu", alpha=0.25)
+    slopes = np.linspace(0.1, 0.3, 8)
+    for shape in ((8, 1, 1), (1, 8, 1, 1)):
+        chains, rejections = chains_of(twin_chain(prelu(slopes.reshape(shape))))
+        assert len(chains) == 1, [r.reason for r in rejections]
+        act = chains[0].first.activation
+        assert act.kind == "prelu"
+        np.testing.assert_allclose(act.channel_slopes, slopes.astype(np.float32))
+    # a 1-D slope broadcasts along W of an NCHW input (8 = W here): not one per channel
+    chains, rejections = chains_of(twin_chain(prelu(slopes)))
+    assert not chains and "not one per channel" in rejections[0].reason
+
+
+def test_pruning_through_per_channel_prelu_slices_the_slopes():
+    """conv -> BN -> PRelu (one slope per channel) -> conv, pruned by every method: the PRelu keeps the kept
+    channels' slopes, the model runs, and udfc's compensation with the per-channel moments beats none."""
+    def build(seed):
+        b = ModelBuilder((1, 3, 16, 16), seed=seed)
+        x = b.bn(b.conv("input", 16, bias=False))
+        x = same(b, "PRelu", [x, b.const(np.linspace(-0.2, 0.4, 16).reshape(16, 1, 1).astype(np.float32), "s")], x)
+        x = b.relu(b.bn(b.conv(x, 24, bias=False)))
+        return calibrate_batchnorm(b.build(b.gemm(b.gap_flatten(x), 10)))
+
+    model = build(2)
+    x = random_input(model)
+    errors = {}
+    for method in ("none", "merge", "udfc"):
+        out, report = compress(model, prune=0.5, method=method, channel_multiple=1, allocation="uniform")
+        (prelu_node,) = [n for n in out.graph.node if n.op_type == "PRelu"]
+        slope = next(t for t in out.graph.initializer if t.name == prelu_node.input[1])
+        record = next(r for r in report.layers if r.get("channels_after") is not None and r["channels_before"] == 16)
+        assert record["channels_after"] == 8 and tuple(slope.dims) == (8, 1, 1)
+        kept = np.setdiff1d(np.arange(16), record["pruned"])
+        np.testing.assert_allclose(onnx.numpy_helper.to_array(slope).ravel(),
+                                   np.linspace(-0.2, 0.4, 16).astype(np.float32)[kept])
+        errors[method] = rel_error(run(model, x), run(out, x))
+    assert errors["udfc"] < errors["none"]
 
 
 def test_per_channel_mul_after_the_activation_is_rejected():

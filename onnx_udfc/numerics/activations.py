@@ -17,11 +17,15 @@ kind            f(x)
                 LeakyRelu one: pass alpha explicitly)
 ``hardswish``   ``x * hardsigmoid(x)`` with the fixed ONNX constants
                 alpha=1/6, beta=0.5 (the ``alpha``/``beta`` fields are ignored)
+``prelu``       ``x if x >= 0 else slopes[c] * x``: a LeakyRelu slope per channel c
+                (ONNX PRelu with a per-channel slope); arrays given to ``apply``
+                carry the channels on axis 0
 ==============  ==============================================================
 
 Every kind except sigmoid/silu is piecewise polynomial of degree <= 2 and
 continuous; :meth:`Activation.pieces` returns that description, which the
-moment code integrates exactly against a Gaussian.
+moment code integrates exactly against a Gaussian. ``prelu`` has different
+pieces per channel: the moment code writes it as ``a_c x + (1 - a_c) relu(x)``.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Activation", "KINDS", "PIECEWISE_KINDS", "SMOOTH_KINDS"]
+__all__ = ["Activation", "KINDS", "PIECEWISE_KINDS", "SMOOTH_KINDS", "PER_CHANNEL_KINDS"]
 
 PIECEWISE_KINDS = frozenset({"identity", "relu", "clip", "leakyrelu", "hardsigmoid", "hardswish"})
 SMOOTH_KINDS = frozenset({"sigmoid", "silu"})
-KINDS = PIECEWISE_KINDS | SMOOTH_KINDS
+PER_CHANNEL_KINDS = frozenset({"prelu"})
+KINDS = PIECEWISE_KINDS | SMOOTH_KINDS | PER_CHANNEL_KINDS
 
 _HSWISH_ALPHA = 1.0 / 6.0
 _HSWISH_BETA = 0.5
@@ -49,6 +54,7 @@ class Activation:
         lo, hi: Clip bounds (``clip`` only), ``lo <= hi``; infinite bounds allowed.
         alpha: LeakyRelu negative slope, or HardSigmoid slope.
         beta: HardSigmoid offset.
+        slopes: PRelu negative slope of every channel (``prelu`` only).
     """
 
     kind: str
@@ -56,6 +62,7 @@ class Activation:
     hi: float = 6.0
     alpha: float = 0.01
     beta: float = 0.5
+    slopes: tuple = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +72,19 @@ class Activation:
         for name in ("alpha", "beta"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite")
+        if self.kind == "prelu" and (not self.slopes or not np.all(np.isfinite(self.slopes))):
+            raise ValueError("prelu needs one finite slope per channel")
+
+    @property
+    def channel_slopes(self) -> np.ndarray:
+        """(C,) float64 per-channel negative slopes (``prelu``)."""
+        return np.asarray(self.slopes, dtype=np.float64)
+
+    def restricted(self, kept: np.ndarray) -> "Activation":
+        """The activation of channels `kept` only (itself unless it is per channel)."""
+        if self.kind not in PER_CHANNEL_KINDS:
+            return self
+        return Activation("prelu", slopes=tuple(float(a) for a in self.channel_slopes[kept]))
 
     @property
     def is_piecewise(self) -> bool:
@@ -85,6 +105,9 @@ class Activation:
             return np.clip(x, self.lo, self.hi).astype(x.dtype)
         if k == "leakyrelu":
             return np.where(x >= 0, x, x * self.alpha).astype(x.dtype)
+        if k == "prelu":
+            a = self.channel_slopes.astype(x.dtype).reshape((-1,) + (1,) * max(x.ndim - 1, 0))
+            return np.where(x >= 0, x, x * a).astype(x.dtype)
         if k == "sigmoid":
             return _expit(x).astype(x.dtype)
         if k == "silu":

@@ -75,6 +75,8 @@ def gaussian_activation_moments(mu, sigma, act: Activation) -> tuple[np.ndarray,
         hardsigmoid and hardswish are sums of such truncated-Gaussian moments (exact); sigmoid and
         silu use a composite Gauss-Legendre rule (relative error ~1e-8).
     """
+    if act.kind == "prelu":
+        return _prelu_moments(mu, sigma, act)
     mu, sigma, s, degenerate = _prepare(mu, sigma)
     fmu = act.apply(mu)
     if act.is_piecewise:
@@ -90,13 +92,43 @@ def gaussian_activation_moments(mu, sigma, act: Activation) -> tuple[np.ndarray,
     return mean, var
 
 
+_RELU = Activation("relu")
+_IDENTITY = Activation("identity")
+
+
+def _prelu_moments(mu, sigma, act: Activation) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of PRelu ``f = a x + (1 - a) r``, ``r = relu(x)``, a per channel, from ReLU's:
+
+        E[f] = a mu + (1 - a) E[r]
+        Var[f] = a^2 sigma^2 + (1 - a)^2 Var[r] + 2 a (1 - a) Cov[x, r],   Cov[x, r] = Var[r] + E[r] (E[r] - mu)
+
+    (``x r = r^2``, so ``E[x r] = E[r^2]``; every term stays accurate where ``mu >> sigma``, where
+    ``E[r] - mu = E[relu(-x)]`` is small and positive).
+    """
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    a = act.channel_slopes
+    mean_r, var_r = gaussian_activation_moments(mu, sigma, _RELU)
+    mean = a * mu + (1.0 - a) * mean_r
+    cov_xr = var_r + mean_r * (mean_r - mu)
+    var = a * a * sigma * sigma + (1.0 - a) ** 2 * var_r + 2.0 * a * (1.0 - a) * cov_xr
+    return mean, np.maximum(var, 0.0)
+
+
 def _normalized_coefficients(mu, sigma, act: Activation, order: int, mean=None) -> np.ndarray:
     """``E[f(mu + s xi) he_k(xi)]`` with ``he_k = He_k / sqrt(k!)``; shape (N, order+1).
 
     ``mean``: optional (N,) ``E[f(z)]`` already computed by :func:`gaussian_activation_moments` (column 0).
+    PRelu: the coefficients are linear in f, ``a c(identity) + (1 - a) c(relu)`` per channel.
     """
     if order < 0:
         raise ValueError("order must be >= 0")
+    if act.kind == "prelu":
+        a = act.channel_slopes[:, None]
+        out = a * _normalized_coefficients(mu, sigma, _IDENTITY, order) + (1.0 - a) * _normalized_coefficients(
+            mu, sigma, _RELU, order)
+        if mean is not None:
+            out[:, 0] = mean
+        return out
     mu, sigma, s, degenerate = _prepare(mu, sigma)
     out = np.empty((mu.shape[0], order + 1))
     out[:, 0] = gaussian_activation_moments(mu, sigma, act)[0] if mean is None else mean

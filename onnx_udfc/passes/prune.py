@@ -90,6 +90,7 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
         dw = read_layer(graph, chain.depthwise)
         write_layer(graph, dw, dw.rows[kept], None if dw.bias is None else dw.bias[kept])
         set_attr(chain.depthwise, "group", int(kept.size))
+    _slice_channel_slopes(graph, chain, kept)
     if ctx.stats is not None:
         ctx.stats.restrict(chain.path, kept)
     record.update(channels_after=int(kept.size), pruned=[int(i) for i in pruned], method=method, select=select,
@@ -106,6 +107,23 @@ def consumer_residual_variance(v_taps: np.ndarray, cov: np.ndarray, s: np.ndarra
     b[:, kept] -= s
     r = b @ cov @ b.T
     return np.maximum(np.einsum("mit,ij,mjt->m", v_taps, r, v_taps, optimize=True), 0.0)
+
+
+def _slice_channel_slopes(graph, chain: Chain, kept: np.ndarray) -> None:
+    """Keep the slopes of channels `kept` in every per-channel PRelu on the chain (and in its stages)."""
+    n = chain.channels
+    for tensor, block in chain.path:
+        node = graph.producer_of(tensor)
+        if block != 1 or node is None or node.op_type != "PRelu":
+            continue
+        slope = graph.constant(node.input[1])
+        if slope is None or slope.size != n:
+            continue
+        shape = tuple(kept.size if d == n else d for d in slope.shape)
+        graph.set_weight(node, 1, slope.reshape(-1)[kept].reshape(shape))
+    for stage in (chain.first, chain.second):
+        if stage is not None:
+            stage.activation = stage.activation.restricted(kept)
 
 
 def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept: np.ndarray,

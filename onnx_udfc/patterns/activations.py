@@ -3,7 +3,7 @@
 Two levels:
 
 - `activation_of(graph, node)`: one node that is a supported activation (Relu, Clip with constant bounds,
-  LeakyRelu, PRelu with one slope, Sigmoid, HardSigmoid, HardSwish, Identity/Dropout).
+  LeakyRelu, PRelu with one slope or one per channel, Sigmoid, HardSigmoid, HardSwish, Identity/Dropout).
 - `pointwise_run(graph, tensor)`: the longest run of channel-agnostic pointwise steps applied to a
   tensor, as exporters spell them, composed into one function:
     * single-input steps: the activations above, `Add/Sub/Mul/Div` by a scalar constant, `Max/Min` with a
@@ -15,8 +15,9 @@ Two levels:
   else a `ComposedActivation`, whose piecewise-polynomial form is computed exactly when every step is
   piecewise polynomial and the degree stays <= 2 (e.g. `a * hardswish(x) + b`, `max(leakyrelu(x), c)`).
 
-Every step uses scalar constants only: removing a channel from the tensor removes it from the result and
-nothing else, which is what makes a run transparent for channel pruning.
+Every step uses scalar constants only, but a PRelu's per-channel slopes: removing a channel from the tensor
+removes it from the result and nothing else (and its slope, which the pruning slices), which is what makes
+a run transparent for channel pruning.
 """
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ PASSTHROUGH_OPS = ("Identity", "Dropout")
 _MATCH_TOL = 1e-6
 
 
-def activation_of(graph: Graph, node: onnx.NodeProto) -> Tuple[Optional[Activation], str]:
+def activation_of(graph: Graph, node: onnx.NodeProto, shapes=None) -> Tuple[Optional[Activation], str]:
     """The `Activation` computed by `node`, or (None, reason) when it is not a supported one.
 
-    Supported: Relu, Clip (bounds constant), LeakyRelu, PRelu (a single slope), Sigmoid, HardSigmoid,
-    HardSwish, Identity/Dropout (identity).
+    Supported: Relu, Clip (bounds constant), LeakyRelu, PRelu (one slope, or one per channel: see
+    `per_channel_slopes`; `shapes` gives the input's rank), Sigmoid, HardSigmoid, HardSwish,
+    Identity/Dropout (identity).
     """
     op = node.op_type
     if op == "Relu":
@@ -53,9 +55,13 @@ def activation_of(graph: Graph, node: onnx.NodeProto) -> Tuple[Optional[Activati
         slope = graph.constant(node.input[1]) if len(node.input) > 1 else None
         if slope is None:
             return None, "PRelu slope is not constant"
-        if slope.size != 1:
-            return None, "PRelu with per-channel slopes (pruning would have to slice them)"
-        return Activation("leakyrelu", alpha=float(slope.reshape(()))), ""
+        if slope.size == 1:
+            return Activation("leakyrelu", alpha=float(slope.reshape(()))), ""
+        shape = shapes.get(node.input[0]) if shapes is not None else None
+        slopes = per_channel_slopes(slope, None if shape is None else len(shape))
+        if slopes is None:
+            return None, f"PRelu slope of shape {tuple(slope.shape)} is not one per channel"
+        return Activation("prelu", slopes=tuple(float(a) for a in slopes)), ""
     if op == "Sigmoid":
         return Activation("sigmoid"), ""
     if op == "HardSigmoid":
@@ -70,6 +76,22 @@ def activation_of(graph: Graph, node: onnx.NodeProto) -> Tuple[Optional[Activati
         lo, hi = bounds
         return Activation("clip", lo=lo, hi=hi), ""
     return None, f"unsupported op {op}"
+
+
+def per_channel_slopes(slope: np.ndarray, rank: Optional[int]) -> Optional[np.ndarray]:
+    """(C,) slopes when a PRelu `slope` broadcasts (right-aligned, as ONNX does) along the channel axis 1
+    of its input of rank `rank` only, else None. Unknown rank: a slope of 3 or 4 dims is read as one for an
+    NCHW input ((C, 1, 1) or (1, C, 1, 1)); a 1-D slope then stays unsupported (it would be read per W)."""
+    if rank is None:
+        if slope.ndim < 3:
+            return None
+        rank = max(slope.ndim, 4)
+    if rank < 2 or slope.ndim > rank:
+        return None
+    padded = (1,) * (rank - slope.ndim) + tuple(slope.shape)
+    if any(d != 1 for axis, d in enumerate(padded) if axis != 1):
+        return None
+    return slope.reshape(-1).astype(np.float64)
 
 
 def clip_bounds(graph: Graph, node: onnx.NodeProto) -> Optional[Tuple[float, float]]:
@@ -375,7 +397,7 @@ def single_input_step(graph: Graph, node: onnx.NodeProto, tensor: str, shapes=No
         return None
     if len([i for i in node.input if i]) > 1 and op not in ("Clip", "PRelu"):
         return None
-    act, _ = activation_of(graph, node)
+    act, _ = activation_of(graph, node, shapes)
     return act
 
 

@@ -63,6 +63,7 @@ class AnalyticStatistics(StatisticsModel):
     def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
                  spatial_rho: float = SPATIAL_RHO):
         self.graph = graph
+        self.shapes = shapes
         self.spatial_rho = spatial_rho
         self.input_correlation = True
         self._by_output: Dict[str, Chain] = {}
@@ -167,7 +168,7 @@ class AnalyticStatistics(StatisticsModel):
             return parts[0] + parts[1]
         if op in ("Identity", "Dropout", "MaxPool", "AveragePool", "GlobalAveragePool"):
             return self.tensor_covariance(node.input[0])
-        act, _ = activation_of(self.graph, node)
+        act, _ = activation_of(self.graph, node, self.shapes)
         source = self.tensor_moments(node.input[0])
         if act is None or source is None:
             return None

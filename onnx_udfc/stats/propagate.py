@@ -218,7 +218,7 @@ class MomentPropagator:
             return np.asarray(beta, float), np.asarray(gamma, float) ** 2
         if x is None:
             return None
-        act, _ = activation_of(g, node)
+        act, _ = activation_of(g, node, self.shapes)
         if act is not None:
             mean, var = gaussian_activation_moments(x[0], np.sqrt(np.maximum(x[1], 0)), act)
             return np.asarray(mean, float), np.asarray(var, float)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onnx_udfc.numerics.activations import KINDS, PIECEWISE_KINDS, Activation
+from onnx_udfc.numerics.activations import KINDS, PER_CHANNEL_KINDS, PIECEWISE_KINDS, Activation
 
 X = np.linspace(-9.0, 9.0, 3601)
 
@@ -41,7 +41,18 @@ def test_apply_matches_formula(act):
 def test_apply_keeps_float32():
     x = np.linspace(-3, 3, 11).astype(np.float32)
     for kind in KINDS:
-        assert Activation(kind).apply(x).dtype == np.float32
+        act = Activation(kind, slopes=(0.1,) * x.size) if kind in PER_CHANNEL_KINDS else Activation(kind)
+        assert act.apply(x).dtype == np.float32
+
+
+def test_prelu_applies_one_slope_per_channel_on_axis_0_and_needs_its_slopes():
+    act = Activation("prelu", slopes=(0.5, -0.25))
+    x = np.array([[-2.0, 1.0, -4.0], [-2.0, 3.0, -4.0]])
+    np.testing.assert_array_equal(act.apply(x), [[-1.0, 1.0, -2.0], [0.5, 3.0, 1.0]])
+    with pytest.raises(ValueError):
+        Activation("prelu")
+    with pytest.raises(ValueError):
+        Activation("prelu", slopes=(0.1, float("nan")))
 
 
 def test_invalid_kind_and_bounds():

@@ -341,3 +341,32 @@ def test_row_blocks_and_lower_block_store(n):
     np.testing.assert_array_equal(out[low & ~same_block], x[low & ~same_block])  # lower part stored as is
     np.testing.assert_array_equal(out[same_block], sym[same_block])  # diagonal blocks symmetrised
     np.testing.assert_array_equal(out, out.T)
+
+
+def test_prelu_moments_equal_leakyrelu_per_channel_and_sampling():
+    """PRelu with a slope per channel, written as a x + (1 - a) relu(x): its moments, Hermite coefficients and
+    covariance equal those of a LeakyRelu with each channel's slope, and sampling agrees."""
+    rng = np.random.default_rng(7)
+    n = 6
+    mu, sigma = rng.normal(0.0, 1.5, n), rng.uniform(0.1, 2.0, n)
+    mu[0], sigma[1] = 8.0, 0.0  # far from the break; degenerate
+    slopes = rng.uniform(-0.5, 0.8, n)
+    act = Activation("prelu", slopes=tuple(slopes))
+    mean, var = gaussian_activation_moments(mu, sigma, act)
+    coefs = hermite_coefficients(mu, sigma, act, 8)
+    for c in range(n):
+        leaky = Activation("leakyrelu", alpha=float(slopes[c]))
+        m, v = gaussian_activation_moments(mu[c:c + 1], sigma[c:c + 1], leaky)
+        np.testing.assert_allclose([mean[c], var[c]], [m[0], v[0]], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(coefs[c], hermite_coefficients(mu[c:c + 1], sigma[c:c + 1], leaky, 8)[0],
+                                   rtol=1e-9, atol=1e-12)
+    x = mu[:, None] + sigma[:, None] * rng.standard_normal((n, 400_000))
+    f = act.apply(x)
+    assert np.all(np.abs(mean - f.mean(axis=1)) <= 0.01 * (1 + np.abs(mean))), (mean, f.mean(axis=1))
+    np.testing.assert_allclose(var, f.var(axis=1), rtol=0.02, atol=1e-6)
+    corr = np.full((n, n), 0.4) + 0.6 * np.eye(n)
+    cov = activation_covariance(mu, sigma, corr, act)
+    z = mu[:, None] + sigma[:, None] * (np.linalg.cholesky(corr) @ rng.standard_normal((n, 400_000)))
+    np.testing.assert_allclose(cov, np.cov(act.apply(z)), atol=0.02 * float(np.max(var)))
+    kept = np.array([1, 4])
+    assert act.restricted(kept) == Activation("prelu", slopes=tuple(slopes[kept]))
