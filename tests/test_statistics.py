@@ -251,3 +251,27 @@ def test_probed_shape_falls_back_to_the_layer_before_the_activation():
             assert probed_shape(chain, partial) == truth
             checked += 1
     assert checked >= 3
+
+
+def test_gram_sums_in_onnxruntime_equal_the_feature_maps_own():
+    """`gram_outputs` (sums and Gram matrix computed inside onnxruntime, positions subsampled) gives the
+    moments `_Accumulator.add` takes from the whole feature maps returned to numpy."""
+    from onnx_udfc.stats.sampled import measure_channel_moments, position_step
+
+    from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu
+
+    b = ModelBuilder((4, 3, 64, 64), seed=7)
+    x = conv_bn_relu(b, "input", 16)
+    x = conv_bn_relu(b, b.maxpool(x), 24)
+    model = calibrate_batchnorm(b.build(b.gemm(b.gap_flatten(x), 10)))
+    shapes = infer_static_shapes(model, {"input": (4, 3, 64, 64)})
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    assert names and any(position_step(int(np.prod(shapes[n][2:]))) > 1 for n in names)  # a strided map too
+    batches = [pink_noise((4, 3, 64, 64), seed=s) for s in (0, 1)]
+    in_ort = measure_channel_moments(model, names, shapes, shapes, iter(batches), "input")
+    in_numpy = measure_channel_moments(model, names, shapes, {}, iter(batches), "input")
+    for name in names:
+        (m1, c1), (m2, c2) = in_ort[name], in_numpy[name]
+        assert m1.shape == (shapes[name][1],) and c1.shape == (shapes[name][1],) * 2
+        np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5 * np.abs(m2).max())
+        np.testing.assert_allclose(c1, c2, rtol=1e-4, atol=1e-5 * np.abs(c2).max())

@@ -250,9 +250,11 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
     or None where the shape is unknown (that tensor stays an output as it is).
 
     With ``X`` (B, C, P) the tensor's positions (every `position_step(P)`-th, as `_Accumulator.add`
-    takes them): ``sum = sum_{b,p} X[b, :, p]`` (C,) and
-    ``gram = sum_b X[b] X[b]^T`` (C, C), both float32 in onnxruntime. The feature maps never leave
-    onnxruntime: no copy of them per run, and the outputs are C x C instead of B x C x H x W.
+    takes them) laid out as ``Y`` (C, B * P): ``sum = Y 1`` (C,) and ``gram = Y Y^T`` (C, C), both float32
+    in onnxruntime. The feature maps never leave onnxruntime: no copy of them per run, and the outputs are
+    C x C instead of B x C x H x W. One (C, B*P) x (B*P, C) product instead of B batched (C, P) x (P, C)
+    ones and their sum: MobileNetV2 prune 0.3, 64 images, probe 1.97 -> 1.63 s (its Gram matrices take
+    38 G multiply-adds, twice the network's own).
     """
     g = probe.graph
     opset = next((i.version for i in probe.opset_import if i.domain in ("", "ai.onnx")), 13)
@@ -267,8 +269,9 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
         positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
         step = position_step(positions)
         p = f"udfc_gram{index}_"
-        inits = {p + "shape": np.array([0, int(shape[1]), -1], np.int64), p + "axes02": np.array([0, 2], np.int64),
-                 p + "axes0": np.array([0], np.int64)}
+        channels = int(shape[1])
+        inits = {p + "shape": np.array([0, channels, -1], np.int64), p + "rows": np.array([channels, -1], np.int64),
+                 p + "axes1": np.array([1], np.int64)}
         nodes = [helper.make_node("Reshape", [name, p + "shape"], [p + "flat"])]
         flat = p + "flat"
         if step > 1:
@@ -276,10 +279,11 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
                           p + "axis": np.array([2], np.int64), p + "step": np.array([step], np.int64)})
             nodes.append(helper.make_node("Slice", [flat, p + "start", p + "end", p + "axis", p + "step"], [p + "sub"]))
             flat = p + "sub"
-        nodes += [helper.make_node("Transpose", [flat], [p + "t"], perm=[0, 2, 1]),
-                  helper.make_node("MatMul", [flat, p + "t"], [p + "grams"]),
-                  helper.make_node("ReduceSum", [p + "grams", p + "axes0"], [p + "gram"], keepdims=0),
-                  helper.make_node("ReduceSum", [flat, p + "axes02"], [p + "sum"], keepdims=0)]
+        nodes += [helper.make_node("Transpose", [flat], [p + "cbp"], perm=[1, 0, 2]),  # (C, B, P)
+                  helper.make_node("Reshape", [p + "cbp", p + "rows"], [p + "y"]),  # Y (C, B * P)
+                  helper.make_node("Transpose", [p + "y"], [p + "yt"], perm=[1, 0]),
+                  helper.make_node("MatMul", [p + "y", p + "yt"], [p + "gram"]),
+                  helper.make_node("ReduceSum", [p + "y", p + "axes1"], [p + "sum"], keepdims=0)]
         g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
         g.node.extend(nodes)
         g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
