@@ -289,6 +289,23 @@ def test_no_validate_skips_onnxruntime(model_path, tmp_path):
     assert json.loads(rep.read_text())["validation"] is None
 
 
+def test_no_merge_blend_reaches_the_folded_chains(tmp_path):
+    from builders import fold_all_batchnorm
+
+    path = tmp_path / "folded.onnx"
+    onnx.save(fold_all_batchnorm(plain_chain(seed=3)), str(path))
+    outputs = {}
+    for flag in ([], ["--no-merge-blend"]):
+        out, rep = tmp_path / f"o{len(flag)}.onnx", tmp_path / f"r{len(flag)}.json"
+        assert main([str(path), str(out), "--prune", "0.3", "--no-validate", "-q", "--report", str(rep), *flag]) == 0
+        report = json.loads(rep.read_text())
+        assert report["options"]["merge_blend"] is not bool(flag)
+        notes = [n for layer in report["layers"] for n in layer.get("notes", []) if "Neuron Merging" in n]
+        assert bool(notes) is not bool(flag)
+        outputs[bool(flag)] = out.read_bytes()
+    assert outputs[True] != outputs[False]
+
+
 def test_dynamic_spatial_dims_need_input_shape(tmp_path):
     model = plain_chain()
     dims = model.graph.input[0].type.tensor_type.shape.dim

@@ -1,6 +1,7 @@
 """The method ladder on models built here (BN calibrated, so the BN prior holds):
 udfc < mean < none at prune 0.3 bits 6; expected-error selection < norm selection; the default
 quantization recipe < round-to-nearest max-abs at 4 bits."""
+import onnx
 import pytest
 
 from builders import depthwise_block, plain_chain, random_input, rel_error, run
@@ -46,3 +47,19 @@ def test_ridge_shrinks_only_the_pruned_channels(case):
     heavy = output_error(model, x, prune=0.3, bits=32, ridge=1e6)
     mean = output_error(model, x, prune=0.3, bits=32, method="mean")
     assert heavy == pytest.approx(mean, rel=1e-3)
+
+
+def test_merge_blend_only_on_chains_without_bn_prior_or_depthwise():
+    """The blend toward Neuron Merging changes folded plain chains, and nothing where a BN prior anchors the
+    statistics or where the chain runs through a depthwise conv."""
+    from builders import fold_all_batchnorm
+
+    def compressed(model, blend):
+        out, _ = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=32, validate=False,
+                          merge_blend=blend)
+        return out.SerializeToString()
+
+    folded = fold_all_batchnorm(plain_chain(seed=3))
+    assert compressed(folded, True) != compressed(folded, False)
+    for model in (plain_chain(seed=3), fold_all_batchnorm(depthwise_block(seed=3))):
+        assert compressed(model, True) == compressed(model, False)

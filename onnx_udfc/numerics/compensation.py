@@ -18,6 +18,8 @@ __all__ = [
     "solve_affine_compensation",
     "mean_compensation",
     "neuron_merging",
+    "merge_partners",
+    "blend_with_merge",
     "apply_compensation",
     "compensation_error",
 ]
@@ -120,27 +122,77 @@ def neuron_merging(w_hat, b_hat, kept, threshold: float = 0.45) -> tuple[np.ndar
     Returns:
         S: (N, |K|), t: (N,) zeros; float64.
     """
+    kept = _kept(kept, np.shape(w_hat)[0])
+    s, t = mean_compensation(np.zeros(np.shape(w_hat)[0]), kept)
+    pruned, partner, cosine, scale = merge_partners(w_hat, b_hat, kept)
+    ok = cosine > threshold
+    s[pruned[ok], partner[ok]] = scale[ok]
+    log.debug("neuron_merging: %d of %d pruned channels merged", int(ok.sum()), pruned.size)
+    return s, t
+
+
+def merge_partners(w_hat, b_hat, kept) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each pruned channel's most similar kept channel (Neuron Merging's partner).
+
+    ``cos[m, k] = cos([w_m, b_m], [w_k, b_k])`` (filter and bias concatenated); the partner is the argmax over
+    kept k (ties: first in ``kept``) and the scale ``||w_m|| / ||w_k||``.
+
+    Args:
+        w_hat: (N, D) BN-folded producer filters, flattened. b_hat: (N,) folded biases or None.
+        kept: (|K|,) kept indices.
+
+    Returns:
+        pruned (P,) channel indices, partner (P,) positions in ``kept``, cosine (P,) and scale (P,); the
+        cosine is -inf where the partner's filter is zero (no merge possible).
+    """
     w_hat = np.asarray(w_hat, dtype=np.float64)
     n = w_hat.shape[0]
     w_hat = w_hat.reshape(n, -1)
     b_hat = np.zeros(n) if b_hat is None else np.asarray(b_hat, dtype=np.float64).reshape(-1)
     kept = _kept(kept, n)
-    s, t = mean_compensation(np.zeros(n), kept)
     pruned = np.setdiff1d(np.arange(n), kept)
     if pruned.size == 0 or kept.size == 0:
-        return s, t
+        empty = np.zeros(pruned.size)
+        return pruned, np.zeros(pruned.size, dtype=np.int64), np.full(pruned.size, -np.inf), empty
     full = np.concatenate([w_hat, b_hat[:, None]], axis=1)
     norms = np.linalg.norm(full, axis=1)
     unit = full / np.where(norms > 0, norms, 1.0)[:, None]
     cos = unit[pruned] @ unit[kept].T  # (|P|, |K|)
-    best = np.argmax(cos, axis=1)
-    best_cos = cos[np.arange(pruned.size), best]
+    partner = np.argmax(cos, axis=1)
+    cosine = cos[np.arange(pruned.size), partner]
     wn = np.linalg.norm(w_hat, axis=1)
-    partner_norm = wn[kept[best]]
-    ok = (best_cos > threshold) & (partner_norm > 0)
-    s[pruned[ok], best[ok]] = wn[pruned[ok]] / partner_norm[ok]
-    log.debug("neuron_merging: %d of %d pruned channels merged", int(ok.sum()), pruned.size)
-    return s, t
+    partner_norm = wn[kept[partner]]
+    cosine = np.where(partner_norm > 0, cosine, -np.inf)
+    scale = wn[pruned] / np.where(partner_norm > 0, partner_norm, 1.0)
+    return pruned, partner, cosine, scale
+
+
+def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.45) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shrink a least-squares compensation toward Neuron Merging, more where the merge partner is closer.
+
+    For each pruned channel m with a partner k (cosine ``c_m > threshold``, `merge_partners`)::
+
+        S[m] <- (1 - c_m) S[m] + c_m e_k lambda_m,   t[m] <- (1 - c_m) t[m]
+
+    (``e_k lambda_m``: merge's row, the partner's scale in column k; merge has no intercept). Rows of kept
+    channels and of pruned channels without a partner are unchanged. Used where the covariance behind
+    ``S`` is not anchored by a BN prior (models exported with BN folded): there the least-squares fit trusts
+    statistics of synthetic inputs through an un-normalised network, and the weights-only merge is the
+    independent second opinion; the closer the filters, the more exact the merge (``c = 1``: exact for
+    ReLU). Arguments as `solve_affine_compensation`'s results and `merge_partners`'s inputs.
+
+    Returns:
+        S (N, |K|) and t (N,), new arrays; the pruned channels whose rows were blended (ascending).
+    """
+    s = np.array(s, dtype=np.float64)
+    t = np.array(t, dtype=np.float64)
+    pruned, partner, cosine, scale = merge_partners(w_hat, b_hat, kept)
+    ok = cosine > threshold
+    rows, weight = pruned[ok], cosine[ok]
+    s[rows] *= (1.0 - weight)[:, None]
+    s[rows, partner[ok]] += weight * scale[ok]
+    t[rows] *= 1.0 - weight
+    return s, t, rows
 
 
 def apply_compensation(V, S, t) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from onnx_udfc.numerics.compensation import (apply_compensation, compensation_error, mean_compensation, neuron_merging,
+from onnx_udfc.numerics.compensation import (apply_compensation, blend_with_merge, compensation_error,
+                                             mean_compensation, merge_partners, neuron_merging,
                                              solve_affine_compensation)
 
 
@@ -112,6 +113,38 @@ def test_neuron_merging_threshold_and_partner_choice():
     s, _ = neuron_merging(w, b, np.array([0, 1]), threshold=0.45)
     assert s[2, 0] == pytest.approx(np.linalg.norm(w[2]) / 1.0) and s[2, 1] == 0.0
     np.testing.assert_array_equal(s[3], 0.0)  # anti-parallel: cosine -1 < threshold
+
+
+def test_blend_with_merge_weights_rows_by_partner_cosine():
+    rng = np.random.default_rng(11)
+    n, c = 7, 6
+    w = rng.standard_normal((n, c))
+    b = rng.standard_normal(n)
+    w[5], b[5] = 2.5 * w[1], 2.5 * b[1]  # pruned 5: exact positive multiple of kept 1 (cosine 1)
+    w[4], b[4] = w[2] + 0.8 * w[4], b[2] + 0.8 * b[4]  # pruned 4: near kept 2
+    kept = np.array([0, 1, 2, 3])
+    full = np.concatenate([w[kept], b[kept, None]], axis=1)
+    orthogonal = np.linalg.svd(full)[2][-1]  # pruned 6: orthogonal to every kept filter, no partner
+    w[6], b[6] = orthogonal[:c], orthogonal[c]
+    pruned, partner, cosine, scale = merge_partners(w, b, kept)
+    np.testing.assert_array_equal(pruned, [4, 5, 6])
+    assert kept[partner[1]] == 1 and cosine[1] == pytest.approx(1.0) and scale[1] == pytest.approx(2.5)
+    mean, cov = _random_stats(rng, n)
+    s_ls, t_ls = solve_affine_compensation(mean, cov, kept, ridge=0.01)
+    s_ls[kept], t_ls[kept] = np.eye(kept.size), 0.0
+    s, t, blended = blend_with_merge(s_ls, t_ls, w, b, kept)
+    np.testing.assert_array_equal(blended, [4, 5])
+    s_merge, _ = neuron_merging(w, b, kept)
+    np.testing.assert_allclose(s[5], s_merge[5], atol=1e-12)  # cosine 1: the merge row exactly
+    assert t[5] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_array_equal(s[6], s_ls[6])  # no partner: least squares unchanged
+    assert t[6] == t_ls[6]
+    np.testing.assert_array_equal(s[kept], np.eye(kept.size))
+    c4 = cosine[0]
+    assert 0.45 < c4 < 1.0  # the random channel: in between, weighted by its cosine
+    np.testing.assert_allclose(s[4], (1 - c4) * s_ls[4] + c4 * s_merge[4], atol=1e-12)
+    assert t[4] == pytest.approx((1 - c4) * t_ls[4])
+    assert not np.shares_memory(s, s_ls)
 
 
 def test_apply_compensation_brute_force():
