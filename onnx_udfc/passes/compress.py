@@ -51,11 +51,10 @@ class StatisticsPass(Pass):
             ctx.options.selection_ridge = 0.01 if inputs == "prior" else 0.1
         sampled = {"synthetic": SampledStatistics, "combined": CombinedStatistics}.get(kind)
         if sampled is not None and ctx.options.prune > 0 and ctx.chains and _single_image_input(ctx):
-            original, owned = ctx.input_model()
-            ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, original, ctx.chains,
+            # the input model is loaded by the statistics themselves and freed once the probe is serialised
+            ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
-                                original_shapes=ctx.original_shapes, synthetic=inputs, original_owned=owned)
-            del original
+                                original_shapes=ctx.original_shapes, synthetic=inputs)
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -361,7 +361,7 @@ def probed_shape(chain: Chain, shapes: Dict[str, tuple]) -> Optional[tuple]:
     return shapes.get(layer.output[0])
 
 
-def measure_channel_moments(model: onnx.ModelProto, names: List[str], shapes: Dict[str, tuple],
+def measure_channel_moments(model: Union[onnx.ModelProto, List[onnx.ModelProto]], names: List[str], shapes: Dict[str, tuple],
                             gram_shapes: Dict[str, tuple], batches: Iterable[np.ndarray], input_name: str,
                             batch_norm: str = "batch", model_owned: bool = False) -> Dict[str, Moments]:
     """Mean (C,) and covariance (C, C) of the channels of each tensor in `names`, over the images of `batches`
@@ -369,9 +369,13 @@ def measure_channel_moments(model: onnx.ModelProto, names: List[str], shapes: Di
     `batch_norm`, every probed tensor reduced to its sums and Gram matrix by `gram_outputs` where
     `gram_shapes` knows its shape). `shapes`: the model's static shapes (ranks of the BN inputs).
     `model_owned`: `model` may be edited into the probe instead of copied (one model's size less in memory).
+    `model` may come as a one-element list, which is emptied: the caller hands its reference over, and the
+    model is freed as soon as the probe is serialised.
     """
     import onnxruntime as ort
 
+    if isinstance(model, list):  # handed over (`[model]`, the caller keeps no other reference)
+        model = model.pop()
     probe = batch_statistics_probe(model, names, shapes, batch_norm=batch_norm, copy=not model_owned)
     del model
     plan = gram_outputs(probe, names, gram_shapes)
@@ -382,8 +386,12 @@ def measure_channel_moments(model: onnx.ModelProto, names: List[str], shapes: Di
     # without the arena the activations of a run go back to the system when it ends (same sums):
     # MobileNetV2 prune 0.3 peak 560 -> 454 MB
     opts.enable_cpu_mem_arena = False
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    # the probe's protobuf goes before onnxruntime parses its bytes: with an owned, handed-over model that
+    # was the last copy of the input in memory during the runs (ResNet-50-sized prune 0.3: 100 MB)
+    serialized = probe.SerializeToString()
     del probe
+    session = ort.InferenceSession(serialized, opts, providers=["CPUExecutionProvider"])
+    del serialized
     accumulators = {n: _Accumulator() for n in names}
     for batch_inputs in batches:
         values = dict(zip(fetch, session.run(fetch, {input_name: batch_inputs})))
@@ -399,14 +407,17 @@ def measure_channel_moments(model: onnx.ModelProto, names: List[str], shapes: Di
 class SampledStatistics(AnalyticStatistics):
     """Chain covariances measured on synthetic (or, in benchmarks, real) inputs; moments analytic.
 
-    `original`: the input model (before BN folding), run by the probe; `original_owned`: it is a fresh copy
-    the probe may be made of in place.
+    `original`: the input model (before BN folding), run by the probe, or a function returning
+    (that model, whether it is a fresh copy the probe may be made of in place) (`PassContext.input_model`:
+    then no reference outlives the probe's serialisation); `original_owned`: with a model, whether it is
+    such a copy.
     """
 
     label = ""
 
     def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
-                 original: onnx.ModelProto, chains: List[Chain], input_shapes: Dict[str, tuple],
+                 original: Union[onnx.ModelProto, Callable[[], Tuple[onnx.ModelProto, bool]]],
+                 chains: List[Chain], input_shapes: Dict[str, tuple],
                  samples: int = 32, seed: int = 0, inputs: Optional[np.ndarray] = None,
                  batch_norm: str = "batch", batch: int = RUN_BATCH,
                  original_shapes: Optional[Dict[str, tuple]] = None, synthetic: str = "pink",
@@ -419,6 +430,9 @@ class SampledStatistics(AnalyticStatistics):
             return
         input_name = next(iter(input_shapes))
         from ..ir.shapes import with_batch
+
+        if callable(original):
+            original, original_owned = original()
 
         # a static batch stays as it is; a dynamic one runs `batch` images at a time (memory: the probed
         # feature maps of one run are held at once; MobileNetV2 with 32 images at a time peaked at 940 MB)
@@ -447,9 +461,10 @@ class SampledStatistics(AnalyticStatistics):
             name = chain.last_stage.output
             if gram_shapes.get(name) is None:
                 gram_shapes[name] = probed_shape(chain, shapes)
-        self._measured = measure_channel_moments(original, names, orig_shapes, gram_shapes, batches, input_name,
-                                                 batch_norm, model_owned=original_owned)
+        handed_over = [original]
         del original
+        self._measured = measure_channel_moments(handed_over, names, orig_shapes, gram_shapes, batches, input_name,
+                                                 batch_norm, model_owned=original_owned)
         return_freed_memory()
         kind = " (random spectral exponent, contrast and brightness per image)" if synthetic == "prior" else ""
         self.source = (f"{self.label}channel covariances from {samples} synthetic pink-noise images{kind} pushed through the "
