@@ -20,6 +20,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 from . import __version__
 from .config import ALLOCATIONS, CLIPS, GRIDS, METHODS, ROUNDINGS, SELECTIONS, STATISTICS, SYNTHETIC_INPUTS
 from .errors import UdfcError, UsageError, ValidationFailed
+from .heap import fix_mmap_threshold
 
 log = logging.getLogger("onnx_udfc")
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    fix_mmap_threshold()  # freed large arrays go back to the system (see onnx_udfc.heap)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="onnx-udfc: %(levelname)s: %(message)s")
     try:

@@ -342,3 +342,19 @@ def test_input_changed_during_the_run_is_an_error(model_path, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "input file changed" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_fixes_the_mmap_threshold(model_path, tmp_path, monkeypatch):
+    """The CLI (not the library: it is process-wide) keeps glibc from raising its mmap threshold, so freed
+    large arrays leave the process (onnx_udfc.heap)."""
+    import platform
+
+    import onnx_udfc.cli as cli_module
+    from onnx_udfc.heap import fix_mmap_threshold
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert fix_mmap_threshold() is True
+    calls = []
+    monkeypatch.setattr(cli_module, "fix_mmap_threshold", lambda: calls.append(1) or True)
+    assert main([model_path, str(tmp_path / "o.onnx"), "--bits", "8", "--no-validate", "-q"]) == 0
+    assert calls == [1]

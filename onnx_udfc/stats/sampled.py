@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ..heap import return_freed_memory
 from ..ir.graph import Graph, attr
 from ..patterns.chains import Chain
 from ..numerics.covariance import cov_to_corr
@@ -289,21 +290,6 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
         g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
         plan[name] = (p + "sum", p + "gram", len(range(0, positions, step)))
     return plan
-
-
-def return_freed_memory() -> None:
-    """Give the free pages of the C heap back to the system (glibc's `malloc_trim`; nothing elsewhere).
-
-    onnxruntime frees the probe's feature maps into the heap, and glibc keeps most of them resident:
-    MobileNetV2 prune 0.3 held 357 MB after sampling, 200 MB after the trim, and the peak of the greedy
-    allocation that follows fell by as much (524 -> 448 MB).
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class _Accumulator:

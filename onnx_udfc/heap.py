@@ -1,0 +1,54 @@
+"""The C heap's hold on freed memory (glibc only; elsewhere these do nothing).
+
+numpy and onnxruntime free large arrays often during a run. glibc serves allocations above its mmap
+threshold with `mmap` and returns them on free, but it raises that threshold (up to 32 MB) each time such
+a block is freed, so later large arrays come from the heap, whose freed pages stay resident.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+
+log = logging.getLogger(__name__)
+
+#: glibc's `mallopt` parameter number of M_MMAP_THRESHOLD
+_M_MMAP_THRESHOLD = -3
+#: allocations from this size up get their own mapping (and go back to the system when freed)
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep glibc's mmap threshold at `threshold` bytes for the rest of the process (setting it switches the
+    dynamic raise off). Process-wide, so the CLI sets it, not the library.
+
+    CLI prune 0.3 + W6, peak RSS of the process: MobileNetV2 454 -> 426 MB, ResNet-50-sized 783 -> 664 MB,
+    times within the machine's noise (at 128 KB the ResNet-50-sized run took 15% longer). Returns whether it
+    was set.
+    """
+    libc = _libc()
+    try:
+        return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except AttributeError:
+        return False
+
+
+def return_freed_memory() -> None:
+    """Give the free pages of the C heap back to the system (glibc's `malloc_trim`).
+
+    onnxruntime frees the probe's feature maps into the heap, and glibc keeps most of them resident:
+    MobileNetV2 prune 0.3 held 357 MB after sampling, 200 MB after the trim, and the peak of the greedy
+    allocation that follows fell by as much (524 -> 448 MB).
+    """
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+    except AttributeError:
+        pass
