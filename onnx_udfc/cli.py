@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    fix_mmap_threshold()  # freed large arrays go back to the system (see onnx_udfc.heap)
+    if args.prune > 0:  # freed large arrays go back to the system (see onnx_udfc.heap)
+        fix_mmap_threshold()
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
                         format="onnx-udfc: %(levelname)s: %(message)s")
     try:

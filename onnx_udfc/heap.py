@@ -28,9 +28,11 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Keep glibc's mmap threshold at `threshold` bytes for the rest of the process (setting it switches the
     dynamic raise off). Process-wide, so the CLI sets it, not the library.
 
-    CLI prune 0.3 + W6, peak RSS of the process: MobileNetV2 454 -> 426 MB, ResNet-50-sized 783 -> 664 MB,
-    times within the machine's noise (at 128 KB the ResNet-50-sized run took 15% longer). Returns whether it
-    was set.
+    CLI prune 0.3 + W6, peak RSS of the process: MobileNetV2 454 -> 426 MB, ResNet-50-sized 880-930 ->
+    664 MB at 8% more time (12.7-13.1 -> 13.7-14.3 s, alternating runs; at 128 KB 15% more). Quantization
+    alone gains nothing from it (ResNet-50-sized W6 469 -> 462 MB) and runs 35% longer (4.4-5.4 -> 6.0-7.2 s:
+    every large temporary of the rounding is mapped, faulted in and unmapped), so the CLI sets it for pruning
+    runs only. Returns whether it was set.
     """
     libc = _libc()
     try:

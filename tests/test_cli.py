@@ -344,9 +344,9 @@ def test_input_changed_during_the_run_is_an_error(model_path, tmp_path, monkeypa
     assert not out.exists()
 
 
-def test_cli_fixes_the_mmap_threshold(model_path, tmp_path, monkeypatch):
-    """The CLI (not the library: it is process-wide) keeps glibc from raising its mmap threshold, so freed
-    large arrays leave the process (onnx_udfc.heap)."""
+def test_cli_fixes_the_mmap_threshold_when_pruning(model_path, tmp_path, monkeypatch):
+    """On pruning runs the CLI (not the library: it is process-wide) keeps glibc from raising its mmap
+    threshold, so freed large arrays leave the process (onnx_udfc.heap)."""
     import platform
 
     import onnx_udfc.cli as cli_module
@@ -357,4 +357,6 @@ def test_cli_fixes_the_mmap_threshold(model_path, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(cli_module, "fix_mmap_threshold", lambda: calls.append(1) or True)
     assert main([model_path, str(tmp_path / "o.onnx"), "--bits", "8", "--no-validate", "-q"]) == 0
+    assert calls == []  # quantization only: the fixed threshold would only cost time
+    assert main([model_path, str(tmp_path / "o.onnx"), "--prune", "0.3", "--no-validate", "-q"]) == 0
     assert calls == [1]
