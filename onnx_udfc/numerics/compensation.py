@@ -116,7 +116,7 @@ def neuron_merging(w_hat, b_hat, kept, threshold: float = 0.45) -> tuple[np.ndar
     ``t = 0``. Kept rows are identity.
 
     Args:
-        w_hat: (N, D) BN-folded producer filters, flattened. b_hat: (N,) folded biases.
+        w_hat: (N, D) BN-folded producer filters, flattened. b_hat: (N,) folded biases, or None (zeros).
         kept: (|K|,) kept indices. threshold: minimum cosine to merge.
 
     Returns:

@@ -136,8 +136,7 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
     if method == "mean":
         return mean_compensation(statistics[0], kept)
     if method == "merge":
-        bias = np.zeros(n) if producer_bias is None else producer_bias
-        return neuron_merging(flat_producer, bias, kept)
+        return neuron_merging(flat_producer, producer_bias, kept)
     mean, cov = statistics
     noise = _kept_channel_noise(ctx, chain, kept, cov)
     s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise)
@@ -154,8 +153,7 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
         # un-normalised network; the weights-only merge is an independent second opinion. Not through a
         # depthwise conv: merge compares producer filters only, and a channel's own depthwise kernel (after
         # an activation) breaks `a_m ~ lambda a_k` (EfficientNet-Lite0 folded, prune 0.1 + W8: 0.738 -> 0.432)
-        bias = np.zeros(n) if producer_bias is None else producer_bias
-        s, t, blended = blend_with_merge(s, t, flat_producer, bias, kept)
+        s, t, blended = blend_with_merge(s, t, flat_producer, producer_bias, kept)
         if blended.size:
             ctx.layer(chain.producer).setdefault("notes", []).append(
                 f"no BN prior: {blended.size} of {n - kept.size} removed channels shrunk toward their Neuron "
