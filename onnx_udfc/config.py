@@ -43,8 +43,8 @@ class Options:
         solve (errors-in-variables shrinkage); off by default: no measurable gain on the Fashion-MNIST VGG.
     merge_blend: in chains without a BN prior (BN folded at export) and without a depthwise conv, shrink udfc's
         prediction of each removed channel toward Neuron Merging's by the cosine of its merge partner
-        (`blend_with_merge`). Fashion-MNIST
-        models exported with BN folded, W6, top-1 averaged over seeds 0-2, prune 0.1 / 0.3: VGG 0.874 / 0.763
+        (`blend_with_merge`). Fashion-MNIST models exported with BN folded, W6, top-1 averaged over
+        seeds 0-2, prune 0.1 / 0.3: VGG 0.874 / 0.763
         -> 0.914 / 0.843, small VGG 0.841 / 0.571 -> 0.908 / 0.745, ResNet-20 0.892 / 0.772 -> 0.910 / 0.747
         (merge alone: 0.922 / 0.822, 0.909 / 0.726, 0.902 / 0.628); at prune 0.5 it costs (VGG 0.487 -> 0.416,
         ResNet-20 0.422 -> 0.285). Folded ImageNet exports, prune 0.1 + W8: EfficientNet-Lite0 0.738 -> 0.766

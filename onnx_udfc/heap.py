@@ -7,9 +7,6 @@ a block is freed, so later large arrays come from the heap, whose freed pages st
 from __future__ import annotations
 
 import ctypes
-import logging
-
-log = logging.getLogger(__name__)
 
 #: glibc's `mallopt` parameter number of M_MMAP_THRESHOLD
 _M_MMAP_THRESHOLD = -3
