@@ -6,9 +6,12 @@ from onnx import helper
 
 from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu, random_input, rel_error, run
 from onnx_udfc import compress
+from onnx_udfc.config import Options
+from onnx_udfc.passes.base import PassContext
+from onnx_udfc.passes.fold_bn import FoldBatchNormPass
 from onnx_udfc.ir.graph import Graph
 from onnx_udfc.ir.layers import read_layer, tap_coverage, write_layer
-from onnx_udfc.ir.shapes import infer_static_shapes
+from onnx_udfc.ir.shapes import infer_static_shapes, resolve_input_shapes
 from onnx_udfc.numerics.quantize import bias_correction
 from onnx_udfc.stats.propagate import transposed_linear_moments
 
@@ -180,12 +183,141 @@ def run_tensor_mean(model, x, tensor) -> np.ndarray:
     return run(probe, x).mean(axis=(0, 2, 3)).astype(np.float64)
 
 
-def test_convtranspose_is_never_part_of_a_pruning_chain():
-    model = conv_then_transpose(group=1, seed=7)
+def transposed_chain(seed=0, group=1, bn=True) -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> ConvTranspose -> BN -> ReLU -> ConvTranspose -> BN -> ReLU -> Conv (a decoder):
+    chains with a ConvTranspose producer, a ConvTranspose consumer, and both."""
+    b = ModelBuilder((1, 3, 8, 8), seed=seed)
+    x = conv_bn_relu(b, "input", 16)
+    y = conv_transpose(b, x, 16, bias=not bn, group=group)
+    y = b.relu(b.bn(y) if bn else y)
+    z = conv_transpose(b, y, 12, bias=not bn)
+    z = b.relu(b.bn(z) if bn else z)
+    return calibrate_batchnorm(b.build(b.conv(z, 3, k=3)))
+
+
+def transposed_weights(model):
+    graph = Graph(model)
+    return [graph.constant(n.input[1]) for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+
+
+def folded(model):
+    """The model after the fold pass alone, and the BN priors it recorded."""
+    ctx = PassContext(graph=Graph(onnx.load_from_string(model.SerializeToString())), options=Options(),
+                      input_shapes=resolve_input_shapes(model))
+    FoldBatchNormPass().run(ctx)
+    return ctx.graph.model, ctx.priors
+
+
+def test_batchnorm_after_convtranspose_is_folded_exactly_with_its_prior():
+    model = transposed_chain(seed=1)
+    out, priors = folded(model)
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu", "ConvTranspose", "Relu", "ConvTranspose", "Relu",
+                                                   "Conv"]
+    x = random_input(model)
+    assert rel_error(run(model, x), run(out, x)) < 1e-5
+    bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    graph = Graph(model)
+    for bn in bns[1:]:
+        beta, gamma = graph.constant(bn.input[2]), graph.constant(bn.input[1])
+        mu, sigma = priors[bn.output[0]]  # z ~ N(beta, gamma^2)
+        np.testing.assert_allclose(mu, beta, rtol=1e-6)
+        np.testing.assert_allclose(sigma, np.abs(gamma), rtol=1e-6)
+
+
+def test_per_channel_mul_add_after_convtranspose_is_folded_exactly():
+    b = ModelBuilder((1, 4, 6, 6), seed=2)
+    y = conv_transpose(b, "input", 6)
+    y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, (1, 6, 1, 1)).astype(np.float32), "s")], "mul")
+    y = b.node("Add", [y, b.const(b.rng.standard_normal((1, 6, 1, 1)).astype(np.float32), "t")], "add")
+    b.shapes[y] = (1, 6, 12, 12)
+    model = b.build(b.relu(y))
+    out, _ = folded(model)
+    assert [n.op_type for n in out.graph.node] == ["ConvTranspose", "Relu"]
+    x = random_input(model)
+    assert rel_error(run(model, x), run(out, x)) < 1e-5
+
+
+def test_convtranspose_producers_and_consumers_are_pruned():
+    """Every chain is pruned (ConvTranspose as producer, as consumer, as both); the weights lose the pruned
+    channels on the right axes ((Cin, Cout, k, k): axis 1 as producer, axis 0 as consumer); udfc's
+    compensation beats the mean's and none (same channels: the selection does not depend on the method)."""
+    model = transposed_chain(seed=3)
+    x = random_input(model, batch=32)
+    ref = run(model, x)
+    errors = {}
+    for method in ("none", "mean", "udfc"):
+        out, report = compress(model, prune=0.25, bits=32, method=method, allocation="uniform", validate=False)
+        onnx.checker.check_model(out)
+        records = [r for r in report.layers if r["op"] in ("Conv", "ConvTranspose")]
+        assert [(r["op"], r.get("channels_before"), r.get("channels_after")) for r in records] == [
+            ("Conv", 16, 12), ("ConvTranspose", 16, 12), ("ConvTranspose", 12, 9), ("Conv", None, None)]
+        assert [w.shape for w in transposed_weights(out)] == [(12, 3, 3, 3), (12, 12, 4, 4), (12, 9, 4, 4),
+                                                             (3, 9, 3, 3)]
+        errors[method] = rel_error(ref, run(out, x))
+    assert errors["udfc"] < errors["mean"] < errors["none"], errors
+    assert errors["udfc"] < 0.85 * errors["none"], errors
+
+
+def redundant_transposed_model(duplicates=(5, 9), sources=(2, 4), scales=(1.7, 0.6)) -> onnx.ModelProto:
+    """ConvTranspose (16 channels, no BN) -> ReLU -> ConvTranspose, where channel d is a positive multiple of
+    channel s (weights and bias): ReLU keeps the ratio, so the consumer can take over channel d exactly."""
+    b = ModelBuilder((1, 4, 6, 6), seed=4)
+    w = b.rng.standard_normal((4, 16, 4, 4)) * 0.3
+    bias = b.rng.standard_normal(16) * 0.3
+    for d, src, scale in zip(duplicates, sources, scales):
+        w[:, d], bias[d] = scale * w[:, src], scale * bias[src]
+    y = b.node("ConvTranspose", ["input", b.const(w.astype(np.float32), "wt"), b.const(bias.astype(np.float32), "bt")],
+               "convt", kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
+    b.shapes[y] = (1, 16, 12, 12)
+    z = conv_transpose(b, b.relu(y), 5, k=3, stride=2, pad=1, output_padding=1)
+    return b.build(z)
+
+
+@pytest.mark.parametrize("method", ["merge", "udfc"])
+def test_redundant_convtranspose_channels_are_removed_exactly(method):
+    model = redundant_transposed_model()
+    kw = {"ridge": 0.0} if method == "udfc" else {}
+    out, report = compress(model, prune=0.125, bits=32, method=method, channel_multiple=1, validate=False, **kw)
+    record = next(r for r in report.layers if r["op"] == "ConvTranspose")
+    assert sorted(record["pruned"]) in ([2, 4], [2, 9], [4, 5], [5, 9]), record["pruned"]
+    x = random_input(model)
+    assert rel_error(run(model, x), run(out, x)) < 1e-4
+
+
+def constant_channel_model() -> onnx.ModelProto:
+    """Conv (channel 0 constant: zero weights, bias 2) -> ReLU -> ConvTranspose stride 2 kernel 3."""
+    b = ModelBuilder((1, 3, 7, 7), seed=6)
+    w = b.rng.standard_normal((8, 3, 3, 3)) * 0.4
+    w[0] = 0.0
+    bias = b.rng.standard_normal(8) * 0.1
+    bias[0] = 2.0
+    y = b.conv("input", 8, weight=w)
+    b.inits[-1].CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), b.inits[-1].name))
+    z = conv_transpose(b, b.relu(y), 4, k=3, stride=2, pad=1, output_padding=1)
+    return b.build(z)
+
+
+def test_mean_compensation_restores_the_mean_over_output_pixels():
+    """Removing a constant channel before a stride-2 ConvTranspose: the consumer bias takes its mean
+    contribution weighted by tap coverage, so each output channel's mean over pixels is kept (summing over
+    all taps, as for a Conv, would add about 4x too much)."""
+    model = constant_channel_model()
+    x = random_input(model, batch=32)
+    ref = run(model, x)
+    out, report = compress(model, prune=0.125, bits=32, method="mean", select="norm", channel_multiple=1,
+                           validate=False)
+    assert report.layers[0]["pruned"] == [0]
+    shift = np.abs((run(out, x) - ref).mean(axis=(0, 2, 3)))
+    dropped, _ = compress(model, prune=0.125, bits=32, method="none", select="norm", channel_multiple=1,
+                          validate=False)
+    lost = np.abs((run(dropped, x) - ref).mean(axis=(0, 2, 3)))
+    assert lost.max() > 0.2
+    assert shift.max() < 0.02 * lost.max(), (shift, lost)
+
+
+def test_grouped_convtranspose_is_not_a_producer():
+    model = transposed_chain(seed=7, group=2)
     out, report = compress(model, prune=0.5, bits=8, validate=False)
-    conv = next(r for r in report.layers if r["op"] == "Conv")
-    assert conv.get("channels_after", 8) == 8
-    assert any("ConvTranspose" in s for s in conv.get("skipped", []))
     transposed = next(r for r in report.layers if r["op"] == "ConvTranspose")
-    assert "channels_after" not in transposed
-    assert read_layer(Graph(out), transpose_node(out)).rows.shape == read_layer(Graph(model), transpose_node(model)).rows.shape
+    assert any("grouped ConvTranspose (group=2)" in s for s in transposed.get("skipped", [])), transposed
+    assert transposed.get("channels_after", 16) == 16

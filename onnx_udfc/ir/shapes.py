@@ -136,7 +136,7 @@ def infer_static_shapes(model: onnx.ModelProto, input_shapes: Dict[str, Shape],
 
 #: ops whose output shapes the passes need (MACs, flatten blocks, moments)
 #: (float outputs only: the probe declares them float; Reshape/Pad also run on int64 shape tensors)
-_SHAPE_NEEDED = ("Conv", "Gemm", "MatMul", "GlobalAveragePool", "Flatten", "MaxPool", "AveragePool",
+_SHAPE_NEEDED = ("Conv", "ConvTranspose", "Gemm", "MatMul", "GlobalAveragePool", "Flatten", "MaxPool", "AveragePool",
                  "BatchNormalization", "Pad")
 
 

@@ -195,15 +195,16 @@ def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.45) -> tuple
     return s, t, rows
 
 
-def apply_compensation(V, S, t) -> tuple[np.ndarray, np.ndarray]:
+def apply_compensation(V, S, t, tap_weights=None) -> tuple[np.ndarray, np.ndarray]:
     """Fold the predictor ``a ~ S a_K + t`` into the consumer weight.
 
     Formulas: ``V_new[:, k, ...] = sum_j V[:, j, ...] S[j, k]``,
-    ``bias_delta[o] = sum_j t_j sum_taps V[o, j, ...]`` (exact except at zero-padded borders).
+    ``bias_delta[o] = sum_j t_j sum_taps w_tap V[o, j, ...]`` (w = 1: exact except at zero-padded borders;
+    a ConvTranspose passes its tap coverage, and the bias then restores the mean over output pixels).
 
     Args:
         V: (M, N, *taps) consumer weight (taps empty for Gemm rows (M, N)).
-        S: (N, |K|). t: (N,).
+        S: (N, |K|). t: (N,). tap_weights: (prod(taps),) or None (all 1).
 
     Returns:
         V_new: (M, |K|, *taps) with the dtype of V; bias_delta: (M,) float64.
@@ -216,7 +217,10 @@ def apply_compensation(V, S, t) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"S must be ({n}, K) and t ({n},), got {S.shape} and {t.shape}")
     v64 = V.astype(np.float64)
     v_new = np.moveaxis(np.tensordot(v64, S, axes=([1], [0])), -1, 1)
-    bias_delta = v64.reshape(m, n, -1).sum(axis=2) @ t
+    per_tap = v64.reshape(m, n, -1)
+    if tap_weights is not None:
+        per_tap = per_tap * np.asarray(tap_weights, np.float64).reshape(1, 1, -1)
+    bias_delta = per_tap.sum(axis=2) @ t
     dtype = V.dtype if np.issubdtype(V.dtype, np.floating) else np.float64
     return np.ascontiguousarray(v_new).astype(dtype), bias_delta
 

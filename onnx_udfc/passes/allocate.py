@@ -23,7 +23,7 @@ from ..ir.layers import read_layer
 from ..numerics.selection import BackwardGreedy, allocate_greedily, effective_multiple
 from ..patterns.chains import Chain
 from .base import PassContext
-from .prune import consumer_taps
+from .prune import consumer_tap_weights, consumer_taps, error_taps
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[Ba
     if statistics is None or consumer is None or max_remove < 1:
         return None
     v_taps = consumer_taps(consumer.rows, chain.channels, chain.block).astype(np.float64)
-    gram = normalised_gram(v_taps, statistics[1])
+    gram = normalised_gram(error_taps(v_taps, consumer_tap_weights(ctx, consumer)), statistics[1])
     return BackwardGreedy(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
 
 

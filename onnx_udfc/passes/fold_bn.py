@@ -1,8 +1,9 @@
-"""Fold `Conv -> BatchNormalization` and `Gemm -> BatchNormalization` into the producer.
+"""Fold `Conv | ConvTranspose | Gemm -> BatchNormalization` into the producer.
 
     w' = w * gamma / sigma,  b' = (b - mean) * gamma / sigma + beta,  sigma = sqrt(var + eps)
 
-(w: (N, C/g, kh, kw) Conv weight or the (N, K) Gemm weight rows.) The folded producer takes over the BN's
+(w: (N, C/g, kh, kw) Conv weight, the (N, K) Gemm weight rows or a ConvTranspose's rows (Cout, Cin/g, *k),
+see `ir.layers`.) The folded producer takes over the BN's
 output name, and the BN prior `z ~ N(beta, |gamma|^2)` of that tensor is recorded in `ctx.priors`:
 it is what the statistics model and the quantizer use, and it is the only thing taken from the BN.
 A BN is left alone (and stays a statistics source) when its producer's output has other readers,
@@ -25,6 +26,9 @@ from ..ir.graph import Graph, attr, set_attr
 from ..ir.layers import read_layer, write_layer
 from ..numerics.bn import bn_prior, fold_batchnorm
 from .base import Pass, PassContext, PassResult
+
+#: layers a BatchNormalization or a per-channel Mul/Add after them folds into
+FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm")
 
 
 def batchnorm_params(graph: Graph, bn: onnx.NodeProto):
@@ -58,14 +62,14 @@ class FoldBatchNormPass(Pass):
         folded = []
         for bn in [n for n in graph.topological_nodes() if n.op_type == "BatchNormalization"]:
             producer = graph.producer_of(bn.input[0])
-            if producer is None or producer.op_type not in ("Conv", "Gemm"):
+            if producer is None or producer.op_type not in FOLD_TARGETS:
                 continue
             if graph.use_count(bn.input[0]) != 1:
                 continue
             params = batchnorm_params(graph, bn)
             if params is None:
                 continue
-            fold = self._fold_conv if producer.op_type == "Conv" else self._fold_gemm
+            fold = {"Conv": self._fold_conv, "Gemm": self._fold_gemm}.get(producer.op_type, self._fold_rows)
             if not fold(graph, producer, params):
                 continue
             gamma, beta = params[0], params[1]
@@ -104,7 +108,7 @@ class FoldBatchNormPass(Pass):
     def _scale_shift(graph: Graph, producer: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> bool:
         """Make `producer` compute `scale * y + shift` per output channel (scale, shift: (N,))."""
         layer = read_layer(graph, producer)
-        if layer is None or producer.op_type not in ("Conv", "Gemm"):
+        if layer is None or producer.op_type not in FOLD_TARGETS:
             return False
         rows = layer.rows.astype(np.float64) * scale.reshape((-1,) + (1,) * (layer.rows.ndim - 1))
         bias = (np.zeros(layer.out_channels) if layer.bias is None else layer.bias) * scale + shift
@@ -122,6 +126,19 @@ class FoldBatchNormPass(Pass):
         w2, b2 = fold_batchnorm(w, b, *params)
         graph.set_weight(conv, 1, w2.astype(np.float32))
         graph.set_weight(conv, 2, np.asarray(b2, dtype=np.float32))
+        return True
+
+    @staticmethod
+    def _fold_rows(graph: Graph, node: onnx.NodeProto, params) -> bool:
+        """Fold into any layer `read_layer` reads (here: ConvTranspose) through its rows (N, C/g, *taps)."""
+        layer = read_layer(graph, node)
+        if layer is None or layer.out_channels != np.size(params[0]):
+            return False
+        gamma, beta, mean, var, eps = params
+        s = gamma / np.sqrt(var + eps)
+        rows = layer.rows.astype(np.float64) * s.reshape((-1,) + (1,) * (layer.rows.ndim - 1))
+        bias = ((np.zeros(layer.out_channels) if layer.bias is None else layer.bias) - mean) * s + beta
+        write_layer(graph, layer, rows, bias)
         return True
 
     @staticmethod
@@ -158,13 +175,14 @@ class FoldBatchNormPass(Pass):
 
 def affine_after_linear(graph: Graph, node: onnx.NodeProto) -> Optional[Tuple[onnx.NodeProto, np.ndarray, np.ndarray]]:
     """(producer, scale (N,), shift (N,)) when `node` is `y * c`, `c * y`, `y + c`, `c + y`, `y - c` or `y / c`
-    with y the only-read output of a float32 Conv/Gemm with N outputs and c a scalar or per-channel constant."""
+    with y the only-read output of a float32 Conv/ConvTranspose/Gemm with N outputs and c a scalar or
+    per-channel constant."""
     if len(node.input) != 2:
         return None
     for pos in (0, 1):
         y, c_name = node.input[pos], node.input[1 - pos]
         producer = graph.producer_of(y)
-        if producer is None or producer.op_type not in ("Conv", "Gemm") or graph.use_count(y) != 1:
+        if producer is None or producer.op_type not in FOLD_TARGETS or graph.use_count(y) != 1:
             continue
         if pos == 1 and node.op_type in ("Sub", "Div"):
             return None
@@ -172,7 +190,7 @@ def affine_after_linear(graph: Graph, node: onnx.NodeProto) -> Optional[Tuple[on
         const = graph.constant(c_name)
         if layer is None or const is None or const.dtype.kind != "f" or y in graph.graph_outputs:
             return None
-        per_channel = _per_channel(const, layer.out_channels, layer.rows.ndim if producer.op_type == "Conv" else 2)
+        per_channel = _per_channel(const, layer.out_channels, 2 if producer.op_type == "Gemm" else layer.rows.ndim)
         if per_channel is None:
             return None
         ones, zeros = np.ones(layer.out_channels), np.zeros(layer.out_channels)

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..ir.graph import set_attr
-from ..ir.layers import read_layer, write_layer
+from ..ir.layers import read_layer, tap_coverage, write_layer
 from ..numerics.compensation import (apply_compensation, blend_with_merge, mean_compensation, neuron_merging,
                                      solve_affine_compensation)
 from ..numerics.selection import aligned_removal, effective_multiple, select_by_expected_error, select_by_norm
@@ -33,6 +33,26 @@ def consumer_taps(rows: np.ndarray, channels: int, block: int) -> np.ndarray:
     """Consumer weight as (M, N, T): Conv (M, N, kh, kw) -> T = kh*kw; dense (M, N*block) -> T = block."""
     m = rows.shape[0]
     return rows.reshape(m, channels, -1)
+
+
+def consumer_tap_weights(ctx: PassContext, consumer) -> Optional[np.ndarray]:
+    """(T,) share of output pixels each consumer tap reaches, None when every tap reaches every pixel.
+
+    Only a ConvTranspose consumer has one (`ir.layers.tap_coverage`, about 1/prod(strides) per tap): an
+    output pixel sees one phase of its taps, so error variances and the mean a removed channel carried are
+    averaged over pixels with these weights, ``sum_t c_t V_t^T cov V_t`` and ``sum_t c_t V_t t``.
+    """
+    node = consumer.node
+    if node.op_type != "ConvTranspose":
+        return None
+    kernel = consumer.rows.shape[2:]
+    return tap_coverage(node, kernel, ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0])).reshape(-1)
+
+
+def error_taps(v_taps: np.ndarray, tap_weights: Optional[np.ndarray]) -> np.ndarray:
+    """(M, N, T) consumer taps scaled by sqrt(tap weight), so that ``sum_t V_t^T X V_t`` averages over output
+    pixels (`consumer_tap_weights`); `v_taps` itself when there are no weights."""
+    return v_taps if tap_weights is None else v_taps * np.sqrt(tap_weights)[None, None, :]
 
 
 def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
@@ -60,6 +80,7 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     producer = read_layer(graph, chain.producer)
     consumer = read_layer(graph, chain.consumer)
     v_taps = consumer_taps(consumer.rows, n, chain.block).astype(np.float64)
+    tap_weights = consumer_tap_weights(ctx, consumer)
     statistics = ctx.stats.chain_statistics(chain) if ctx.stats is not None else None
     method, select = options.method, options.select
     if statistics is None and (method in ("mean", "udfc") or select == "expected-error"):
@@ -72,15 +93,17 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     if plan is not None:
         pruned = plan.removed()
     elif select == "expected-error":
-        gram = np.einsum("mnt,mkt->nk", v_taps, v_taps, optimize=True)
+        scaled = error_taps(v_taps, tap_weights)
+        gram = np.einsum("mnt,mkt->nk", scaled, scaled, optimize=True)
         pruned = select_by_expected_error(statistics[1], gram, n_remove, ridge=options.selection_ridge)
     else:
         pruned = select_by_norm(flat_producer, n_remove)
     kept = np.setdiff1d(np.arange(n), pruned)
     s, t = _compensation(ctx, chain, method, statistics, kept, flat_producer, producer.bias)
     if statistics is not None and options.upstream_noise:
-        ctx.residual_noise[chain.consumer.output[0]] = consumer_residual_variance(v_taps, statistics[1], s, kept)
-    v_new, bias_delta = apply_compensation(v_taps, s, t)
+        ctx.residual_noise[chain.consumer.output[0]] = consumer_residual_variance(
+            error_taps(v_taps, tap_weights), statistics[1], s, kept)
+    v_new, bias_delta = apply_compensation(v_taps, s, t, tap_weights=tap_weights)
     consumer_bias = consumer.bias
     if np.any(bias_delta != 0):
         consumer_bias = (np.zeros(consumer.out_channels) if consumer_bias is None else consumer_bias) + bias_delta

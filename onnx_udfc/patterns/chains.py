@@ -3,9 +3,9 @@
 A chain is the path along which the N output channels of a producer travel, unmixed, to the one layer
 that mixes them again (the consumer):
 
-    producer (Conv group 1 | Gemm) -> [act] -> [MaxPool | AveragePool | Pad | Resize]*
+    producer (Conv | ConvTranspose group 1 | Gemm) -> [act] -> [MaxPool | AveragePool | Pad | Resize]*
         -> [depthwise Conv -> [act] -> [pools]*]            (MobileNet style; pruned together)
-        -> consumer (Conv group 1 | Gemm | MatMul), possibly after
+        -> consumer (Conv | ConvTranspose group 1 | Gemm | MatMul), possibly after
            GlobalAveragePool/ReduceMean -> Flatten/Reshape (channel m = column m) or
            Flatten of an HxW map (channel m = columns [m*H*W, (m+1)*H*W))
 
@@ -30,6 +30,10 @@ from ..numerics.activations import Activation
 from .activations import PASSTHROUGH_OPS, activation_of, pointwise_run
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+#: layers whose output channels can be pruned (a chain's producer)
+PRODUCER_OPS = ("Conv", "ConvTranspose", "Gemm")
+#: layers that read the chain's channels as inputs and absorb the compensation (a chain's consumer)
+CONSUMER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 POOL_OPS = ("MaxPool", "AveragePool")
 #: ops that rescale the spatial axes only (channel-preserving when their scales/sizes keep axis 1)
 RESIZE_OPS = ("Resize", "Upsample")
@@ -75,12 +79,16 @@ class Rejection:
 
 
 def producer_weight_rows(graph: Graph, node: onnx.NodeProto) -> Optional[int]:
-    """Number of output channels of a Conv/Gemm/MatMul with a constant weight, else None."""
+    """Number of output channels of a Conv/ConvTranspose/Gemm/MatMul with a constant weight, else None.
+
+    (ConvTranspose stores W as (Cin, Cout/g, *k): Cout = W.shape[1] * group.)"""
     w = graph.constant(node.input[1]) if len(node.input) > 1 else None
     if w is None:
         return None
     if node.op_type == "Conv":
         return int(w.shape[0])
+    if node.op_type == "ConvTranspose":
+        return int(w.shape[1]) * int(attr(node, "group", 1)) if w.ndim >= 3 else None
     if w.ndim != 2:
         return None
     if node.op_type == "Gemm":
@@ -108,7 +116,7 @@ class ChainFinder:
         rejections: List[Rejection] = []
         in_chain_dw = set()
         for node in self.graph.topological_nodes():
-            if node.op_type not in ("Conv", "Gemm"):
+            if node.op_type not in PRODUCER_OPS:
                 continue
             result = self._match(node)
             if isinstance(result, Chain):
@@ -131,6 +139,10 @@ class ChainFinder:
             if group != 1:
                 return ("depthwise conv: pruned together with the layer before it when that one forms a chain"
                         if is_depthwise(g, producer, n) else f"grouped conv (group={group})")
+        elif producer.op_type == "ConvTranspose":
+            group = int(attr(producer, "group", 1))
+            if group != 1:
+                return f"grouped ConvTranspose (group={group})"
         elif attr(producer, "transA", 0):
             return "Gemm with transA=1"
         if n < 2:
@@ -182,7 +194,7 @@ class ChainFinder:
                 second = Stage()
                 stage = second
                 stage_has_act = False
-            elif op in ("Conv", "Gemm", "MatMul"):
+            elif op in CONSUMER_OPS:
                 stage.output = tensor
                 return self._consumer(producer, n, first, depthwise, second, reader, tensor, block=1)
             elif op in ("GlobalAveragePool", "ReduceMean", "Flatten", "Reshape", "Squeeze"):
@@ -305,10 +317,10 @@ class ChainFinder:
             return "consumer weight is not a constant"
         if g.use_count(consumer.input[1]) > 1:
             return "consumer weight is shared"
-        if consumer.op_type == "Conv":
+        if consumer.op_type in ("Conv", "ConvTranspose"):
             if int(attr(consumer, "group", 1)) != 1:
-                return f"grouped consumer conv (group={attr(consumer, 'group', 1)})"
-            if w.shape[1] != n:
+                return f"grouped consumer {consumer.op_type} (group={attr(consumer, 'group', 1)})"
+            if w.shape[1 if consumer.op_type == "Conv" else 0] != n:
                 return "consumer weight does not match the channel count"
         elif consumer.op_type == "Gemm":
             if attr(consumer, "transA", 0) or w.ndim != 2:

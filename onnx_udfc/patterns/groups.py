@@ -44,7 +44,7 @@ def coupled_groups(graph: Graph) -> List[List[str]]:
             if source is None:
                 continue
             union(here, order[id(source)])
-            if source.op_type in ("Conv", "Gemm", "MatMul"):
+            if source.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 members[order[id(source)]] = source
     groups: Dict[int, List] = {}
     for key, node in members.items():
@@ -58,7 +58,7 @@ def _trace_back(graph: Graph, tensor: str):
         node = graph.producer_of(tensor)
         if node is None:
             return None
-        if node.op_type in ("Conv", "Gemm", "MatMul") or node.op_type in _SUMS:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.op_type in _SUMS:
             return node
         if node.op_type in _CHANNELWISE:
             tensor = node.input[0]

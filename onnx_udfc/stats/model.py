@@ -159,7 +159,7 @@ class AnalyticStatistics(StatisticsModel):
         if node is None:
             return None
         op = node.op_type
-        if op in ("Conv", "Gemm", "MatMul"):
+        if op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             return self._linear_output_covariance(node, moments)
         if op == "Add" and len(node.input) == 2:
             parts = [self.tensor_covariance(name) for name in node.input]
