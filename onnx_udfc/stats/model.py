@@ -106,7 +106,7 @@ class AnalyticStatistics(StatisticsModel):
             up = self.chain_statistics(upstream)
             if up is not None and up[0].shape[0] == c_in:
                 input_corr, _ = cov_to_corr(up[1])
-        corr = self._output_correlation(producer.rows, var_in, input_corr)
+        corr = self._output_correlation(producer.rows, var_in, input_corr, chain.producer)
         mu, var = pre
         mean, cov = self._stage(mu, var, corr, chain.first)
         if chain.depthwise is None:
@@ -187,17 +187,14 @@ class AnalyticStatistics(StatisticsModel):
         cov_in = self.tensor_covariance(node.input[0])
         if cov_in is not None:
             input_corr, _ = cov_to_corr(cov_in)
-        corr = self._output_correlation(layer.rows, source[1], input_corr)
+        corr = self._output_correlation(layer.rows, source[1], input_corr, node)
         std = np.sqrt(np.maximum(moments[1], 0.0))
         if std.shape[0] != corr.shape[0]:
             return None
         return corr * std[:, None] * std[None, :]
 
-    def _output_correlation(self, rows: np.ndarray, var_in: np.ndarray, input_corr) -> np.ndarray:
-        """(N, N) correlation of a linear layer's outputs: `W (Rin kron R_taps) W^T` with the input variances."""
-        corr, _ = cov_to_corr(conv_preactivation_covariance(rows, var_in, spatial_rho=self.spatial_rho,
-                                                            input_corr=input_corr))
-        return corr
+    def _output_correlation(self, rows: np.ndarray, var_in: np.ndarray, input_corr, node=None) -> np.ndarray:
+        return linear_output_correlation(rows, var_in, input_corr, self.spatial_rho, node)
 
     def _pooled_preactivation(self, mu, var, stage: Stage):
         for pool in stage.pools:
@@ -238,3 +235,28 @@ class AnalyticStatistics(StatisticsModel):
             index = kept if block == 1 else (kept[:, None] * block + np.arange(block)[None, :]).ravel()
             if moments[0].shape[0] >= index.max(initial=0) + 1:
                 self.moments[tensor] = (moments[0][index], moments[1][index])
+
+
+def linear_output_correlation(rows: np.ndarray, var_in: np.ndarray, input_corr, spatial_rho: float,
+                              node=None) -> np.ndarray:
+    """(N, N) correlation of a linear layer's outputs: `W (Rin kron R_taps) W^T` with the input variances
+    (`conv_preactivation_covariance`; rows (N, C, *taps), var_in (C,), input_corr (C, C) or None).
+
+    A ConvTranspose (stride s, dilation 1) output pixel of phase (p_y, p_x) sums only the taps
+    `rows[..., p_y::s_y, p_x::s_x]`, and neighbouring taps of one phase read neighbouring input pixels:
+    its covariance is the average over the s_y s_x phases of each sub-kernel's conv covariance.
+    """
+    def covariance(taps):
+        return conv_preactivation_covariance(taps, var_in, spatial_rho=spatial_rho, input_corr=input_corr)
+
+    strides = list(attr(node, "strides", None) or []) if node is not None else []
+    dilations = list(attr(node, "dilations", None) or []) if node is not None else []
+    phased = (node is not None and node.op_type == "ConvTranspose" and rows.ndim == 4 and len(strides) == 2
+              and max(strides) > 1 and all(d == 1 for d in dilations))
+    if not phased:
+        corr, _ = cov_to_corr(covariance(rows))
+        return corr
+    sy, sx = int(strides[0]), int(strides[1])
+    phases = [rows[:, :, py::sy, px::sx] for py in range(sy) for px in range(sx)]
+    corr, _ = cov_to_corr(sum(covariance(taps) for taps in phases if taps.size) / (sy * sx))
+    return corr
