@@ -162,14 +162,12 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
         return neuron_merging(flat_producer, producer_bias, kept)
     mean, cov = statistics
     noise = _kept_channel_noise(ctx, chain, kept, cov)
-    s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise)
+    pruned = np.setdiff1d(np.arange(n), kept)
     # The ridge regularises the prediction of the pruned channels only: a kept channel is observed, so
     # its row stays the identity, or (with noise) the errors-in-variables solve without ridge (S').
-    if noise is None:
-        s[kept] = np.eye(kept.size)
-        t[kept] = 0.0
-    else:
-        s_kept, t_kept = solve_affine_compensation(mean, cov, kept, ridge=0.0, extra_noise=noise)
+    s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise, rows=pruned)
+    if noise is not None:
+        s_kept, t_kept = solve_affine_compensation(mean, cov, kept, ridge=0.0, extra_noise=noise, rows=kept)
         s[kept], t[kept] = s_kept[kept], t_kept[kept]
     if ctx.options.merge_blend and chain.depthwise is None and chain.producer.output[0] not in ctx.priors:
         # no BN prior (BN folded at export): the covariance comes from synthetic inputs through an

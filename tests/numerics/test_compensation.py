@@ -64,6 +64,26 @@ def test_affine_extra_noise_shrinks_kept_rows():
     np.testing.assert_allclose(t, mean * noise / (var + noise), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("ridge,noisy", [(0.0, False), (0.1, False), (0.0, True), (0.1, True)])
+def test_affine_rows_solves_only_those_rows(ridge, noisy):
+    """`rows` gives the same predictors on those rows as the full solve; the other rows are no compensation."""
+    rng = np.random.default_rng(5)
+    n = 12
+    mean, cov = _random_stats(rng, n)
+    kept = np.array([0, 1, 4, 5, 6, 9, 11])
+    pruned = np.setdiff1d(np.arange(n), kept)
+    noise = rng.uniform(0.01, 0.2, kept.size) if noisy else None
+    s_all, t_all = solve_affine_compensation(mean, cov, kept, ridge=ridge, extra_noise=noise)
+    for rows in (pruned, kept, np.array([3, 0])):
+        s, t = solve_affine_compensation(mean, cov, kept, ridge=ridge, extra_noise=noise, rows=rows)
+        np.testing.assert_allclose(s[rows], s_all[rows], rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(t[rows], t_all[rows], rtol=1e-10, atol=1e-12)
+        others = np.setdiff1d(np.arange(n), rows)
+        none_s, none_t = mean_compensation(mean, kept)
+        np.testing.assert_array_equal(s[others], none_s[others])
+        np.testing.assert_allclose(t[others], none_t[others], atol=1e-12)
+
+
 def test_affine_ridge_and_singular_kept_set():
     rng = np.random.default_rng(3)
     a = rng.standard_normal((4, 6))
