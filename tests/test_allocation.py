@@ -150,3 +150,13 @@ def test_small_layers_are_not_forced_past_their_share():
     removed = sum(l["channels_before"] - l["channels_after"] for l in layers)
     budget = sum(int(0.3 * l["channels_before"]) for l in layers)
     assert budget <= removed < budget + 8
+
+
+def test_a_large_multiple_falls_back_to_8_on_narrow_chains():
+    """With multiple 16, chains of 32-63 channels keep multiples of 8 (not arbitrary widths), wider ones of 16."""
+    assert [effective_multiple(n, 16) for n in (16, 31, 32, 48, 63, 64, 96)] == [1, 1, 8, 8, 8, 16, 16]
+    assert [effective_multiple(n, 32) for n in (32, 64, 127, 128)] == [8, 16, 16, 32]
+    model = plain_chain()  # 16, 32, 32 channels
+    _, report = compress(model, prune=0.3, channel_multiple=16, validate=False)
+    widths = [l["channels_after"] for l in report.layers if l.get("channels_before", 0) >= 32]
+    assert widths and all(w % 8 == 0 for w in widths), widths

@@ -309,10 +309,16 @@ def aligned_removal(n: int, n_remove: int, multiple: int, max_remove: int = None
 
 
 def effective_multiple(n: int, multiple: int) -> int:
-    """`multiple`, or 1 for chains narrower than 4 blocks: there a block is over a quarter of the layer, too
-    coarse a step (the quick-start VGG's 16-channel layers lost 9 points when cut 16 -> 8), and the conv is
-    too small for its kernel choice to matter."""
+    """`multiple`, halved down to 8 while the chain is narrower than 4 of its blocks, or 1 for chains narrower
+    than 4 blocks of 8 (or of `multiple` when it is below 8): there a block is over a quarter of the layer,
+    too coarse a step (the quick-start VGG's 16-channel layers lost 9 points when cut 16 -> 8), and the conv
+    is too small for its kernel choice to matter. With `multiple` 16, a 32- or 48-channel chain still keeps
+    multiples of 8: an unaligned width (MobileNetV2's 32-channel stem cut to 25) makes onnxruntime reorder
+    the layout around that conv and run its depthwise conv on the slow path (prune 0.3, batch 32: 1.22x the
+    original's latency)."""
     multiple = max(int(multiple), 1)
+    while multiple > 8 and n < 4 * multiple:
+        multiple //= 2
     return multiple if n >= 4 * multiple else 1
 
 
