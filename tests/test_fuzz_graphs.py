@@ -1,7 +1,7 @@
 """Property-based tests: random small CNN graphs x random flags through `compress`.
 
-A hypothesis strategy builds random valid DAG models (Conv / BatchNormalization / activations / pools,
-residual Add, channel Concat, optional Gemm head, opset 11/13/17, sometimes a second graph output) and
+A hypothesis strategy builds random valid DAG models (Conv / ConvTranspose / BatchNormalization / activations /
+pools, residual Add, channel Concat, optional Gemm head, opset 11/13/17, sometimes a second graph output) and
 draws the compression flags. For every case `compress` must either raise a `UdfcError` with a one-line
 message (no other exception type may escape), or return a model that
 
@@ -94,6 +94,21 @@ class FuzzBuilder(ModelBuilder):
         self.shapes[y] = (n, ca + self.shapes[b][1], h, w)
         return y
 
+    def conv_transpose(self, x, cout, k, stride, pad, output_padding, group, bias) -> str:
+        """ConvTranspose (weight (Cin, Cout/g, k, k)); output size `s (H - 1) + output_padding + k - 2 pad`."""
+        n, cin, h, w = self.shapes[x]
+        wt = self.rng.standard_normal((cin, cout // group, k, k)) * np.sqrt(2.0 * stride ** 2 / (cin // group * k * k))
+        inputs = [x, self.const(wt.astype(np.float32), "wt")]
+        if bias:
+            inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "bt"))
+        attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
+        if output_padding:
+            attrs["output_padding"] = [output_padding] * 2
+        y = self.node("ConvTranspose", inputs, "convt", **attrs)
+        size = lambda d: stride * (d - 1) + output_padding + k - 2 * pad  # noqa: E731
+        self.shapes[y] = (n, cout, size(h), size(w))
+        return y
+
     def gemm2(self, x, out, trans_b, bias) -> str:
         k = self.shapes[x][1]
         w = self.rng.standard_normal((out, k)) * np.sqrt(2.0 / k)
@@ -118,7 +133,7 @@ class Case:
 
 
 # conv-heavy so that prunable chains (conv -> [act, pool] -> conv/Gemm) are common
-BLOCKS = ["conv", "conv", "conv", "conv", "bn", "act", "pool", "residual", "concat"]
+BLOCKS = ["conv", "conv", "conv", "conv", "bn", "act", "pool", "residual", "concat", "convt"]
 ACTS = ["none", "relu", "clip_init", "clip_const", "leaky:0.01", "leaky:0.2", "identity"]
 
 
@@ -162,6 +177,29 @@ def cases(draw) -> Case:
         h = b.shapes[x][2]
         if kind == "conv":
             x = draw(conv_unit(b, x, log))
+        elif kind == "convt":
+            cin = b.shapes[x][1]
+            k = draw(st.sampled_from([1, 2, 3, 4]))
+            stride = draw(st.sampled_from([1, 2])) if h <= 12 else 1
+            pad = draw(st.integers(0, (k - 1) // 2))
+            output_padding = draw(st.integers(0, stride - 1))
+            cout = draw(st.integers(1, 24))
+            group = cin if cin == cout and cin > 1 and draw(st.booleans()) else 1
+            bias = draw(st.booleans())
+            y = b.conv_transpose(x, cout, k, stride, pad, output_padding, group, bias)
+            log.append(f"{y} = ConvTranspose({x}, {cin}->{cout}, k{k}, s{stride}, pad {pad}, output_padding "
+                       f"{output_padding}, group {group}{', bias' if bias else ''}) -> {b.shapes[y]}")
+            x = y
+            if draw(st.booleans()):
+                neg = draw(st.booleans())
+                y = b.bn2(x, neg)
+                log.append(f"{y} = BN({x}{', signed gamma' if neg else ''})")
+                x = y
+            a = draw(st.sampled_from(ACTS))
+            if a != "none":
+                y = b.act(x, a)
+                log.append(f"{y} = {a}({x})")
+                x = y
         elif kind == "bn":
             neg = draw(st.booleans())
             y = b.bn2(x, neg)
@@ -329,17 +367,20 @@ def check_properties(case: Case, kw: dict, validate: bool) -> None:
 
 
 def _bias_free_outputs(model) -> int:
-    """Output channels of the Conv/Gemm/MatMul layers that have no bias (each may gain one)."""
+    """Output channels of the Conv/ConvTranspose/Gemm/MatMul layers that have no bias (each may gain one)."""
     inits = {t.name: t for t in model.graph.initializer}
     total = 0
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or (node.op_type != "MatMul" and len(node.input) > 2
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or (node.op_type != "MatMul" and len(node.input) > 2
                                                              and node.input[2]):
             continue
         w = inits.get(node.input[1])
         if w is None:
             continue
         trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        if node.op_type == "ConvTranspose":  # W (Cin, Cout/g, k, k)
+            total += w.dims[1] * next((a.i for a in node.attribute if a.name == "group"), 1)
+            continue
         total += w.dims[0] if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else w.dims[-1]
     return total
 
