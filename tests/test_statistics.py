@@ -147,9 +147,13 @@ def test_combined_statistics_average_analytic_and_synthetic():
     model = plain_chain(seed=9)
     ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="combined")
     chain = ctx.chains[1]
-    mean, cov = ctx.stats.chain_statistics(chain)
+    key = chain.last_stage.output
     a_mean, a_cov = AnalyticStatistics.chain_statistics(ctx.stats, chain)
-    s_mean, s_cov = ctx.stats._measured[chain.last_stage.output]
+    s_mean, s_cov = ctx.stats._measured[key]
+    mean, cov = ctx.stats.chain_statistics(chain)
+    # the average is kept in place of its halves (memory: one N x N matrix per chain, not two)
+    assert key not in ctx.stats._measured and key not in ctx.stats._cache
+    assert ctx.stats.chain_statistics(chain)[1] is cov
     np.testing.assert_allclose(mean, 0.5 * (a_mean + s_mean))
     sd = np.sqrt(np.diag(cov))
     np.testing.assert_allclose(sd, 0.5 * (np.sqrt(np.diag(a_cov)) + np.sqrt(np.diag(s_cov))), rtol=1e-10)
