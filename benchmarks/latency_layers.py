@@ -189,7 +189,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(row)
             print(format_row(row), file=sys.stderr)
     preamble = (f"onnxruntime profile, one thread, optimisation `all`, batch {args.batch}, per kernel the median over "
-                f"three alternating rounds of the mean of {args.runs} runs after a warm-up; pruning only (bits 32, channel multiple {args.channel_multiple}); block "
+                f"three alternating rounds of the mean of {args.runs} runs after a warm-up; pruning only (bits 32, "
+                f"channel multiple {args.channel_multiple}); block "
                 f"{args.block}. Ratios are pruned / original. 'time-weighted' ratios scale each layer's original "
                 "time by its own MACs ratio (plain, or with channel counts rounded up to the block).")
     header = ("| model | prune | batch | original ms | pruned ms | latency ratio | MACs ratio | time-weighted MACs "

@@ -371,8 +371,8 @@ def _bias_free_outputs(model) -> int:
     inits = {t.name: t for t in model.graph.initializer}
     total = 0
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or (node.op_type != "MatMul" and len(node.input) > 2
-                                                             and node.input[2]):
+        has_bias = node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or has_bias:
             continue
         w = inits.get(node.input[1])
         if w is None:
