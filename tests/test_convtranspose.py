@@ -359,3 +359,36 @@ def test_transposed_output_correlation_sums_each_phase_of_the_kernel():
     plain_error = np.abs(plain - measured)[off].max()
     assert phased_error < 0.03, (phased_error, plain_error)  # measured 0.006 against 0.27
     assert phased_error < 0.2 * plain_error, (phased_error, plain_error)
+
+
+@pytest.mark.parametrize("spelling", ["output_shape", "same_upper", "dilated"])
+def test_convtranspose_spellings_prune_to_valid_models(spelling):
+    """ConvTranspose consumers and producers written with `output_shape`, `auto_pad=SAME_UPPER` or dilations:
+    the pruned, quantized model passes the checker, runs, and udfc's error is below no compensation's."""
+    b = ModelBuilder((1, 3, 8, 8), seed=21)
+    x = conv_bn_relu(b, "input", 16)
+    attrs = dict(kernel_shape=[3, 3], strides=[2, 2])
+    if spelling == "output_shape":
+        attrs.update(output_shape=[16, 16])
+    elif spelling == "same_upper":
+        attrs.update(auto_pad="SAME_UPPER")
+    else:
+        attrs.update(dilations=[2, 2], pads=[2, 2, 2, 2], output_padding=[1, 1])
+    w = (b.rng.standard_normal((16, 16, 3, 3)) * 0.25).astype(np.float32)
+    y = b.node("ConvTranspose", [x, b.const(w, "wt")], "convt", **attrs)
+    b.shapes[y] = (1, 16, 16, 16)
+    y = b.relu(b.bn(y))
+    w2 = (b.rng.standard_normal((16, 8, 3, 3)) * 0.25).astype(np.float32)
+    z = b.node("ConvTranspose", [y, b.const(w2, "wt")], "convt", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.shapes[z] = (1, 8, 16, 16)
+    model = calibrate_batchnorm(b.build(b.conv(b.relu(z), 3, k=3)))
+    x_in = random_input(model, batch=16)
+    ref = run(model, x_in)
+    errors = {}
+    for method in ("none", "udfc"):
+        out, report = compress(model, prune=0.3, bits=8, method=method, allocation="uniform", validate=False)
+        onnx.checker.check_model(out, full_check=True)
+        pruned = [r for r in report.layers if r["op"] == "ConvTranspose" and r.get("channels_after")]
+        assert pruned and all(r["channels_after"] < r["channels_before"] for r in pruned), report.layers
+        errors[method] = rel_error(ref, run(out, x_in))
+    assert errors["udfc"] < errors["none"], errors
