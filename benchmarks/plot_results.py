@@ -5,7 +5,8 @@
 Reads every JSON file in --results whose rows follow the schema of `fmnist_accuracy.py` and
 `imagenet_accuracy.py` (a list of rows with model, method, prune, bits, top1, agreement, macs_ratio,
 bytes_ratio; `imagenet_*.json`, `fmnist_*.json`); other files (speed, latency) are skipped, and so are rows
-with an error. Identical cells found in several files are drawn once.
+with an error. Identical cells found in several files are drawn once (the first file's) in the per-model
+plots; the headline takes its cells from the files the README's tables cite (`HEADLINE_*_SOURCES`).
 
 Writes `<model>.png` for every model: a 2 x 2 grid, top-1 and top-1 agreement with the original against
 the MACs ratio and the file bytes ratio, one colour and marker per method (points of one method and bit
@@ -48,8 +49,8 @@ def dataset_of(path: str) -> str:
 
 
 def load_rows(results_dir: str) -> List[dict]:
-    """Accuracy rows of every matching JSON file, errors dropped, duplicates (same cell and options) once."""
-    seen: Dict[tuple, dict] = OrderedDict()
+    """Accuracy rows of every matching JSON file (with their `source` file), errors dropped."""
+    rows = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
             data = json.load(f)
@@ -58,10 +59,17 @@ def load_rows(results_dir: str) -> List[dict]:
         for row in data:
             if row.get("error") or row["top1"] is None:
                 continue
-            key = (row["model"], row["method"], float(row["prune"]), int(row["bits"]), row.get("select", ""),
-                   json.dumps(row.get("options", {}), sort_keys=True))
-            seen.setdefault(key, dict(row, dataset=dataset_of(path), source=os.path.basename(path),
-                                      method=series_name(row)))
+            rows.append(dict(row, dataset=dataset_of(path), source=os.path.basename(path), method=series_name(row)))
+    return rows
+
+
+def unique_cells(rows: Sequence[dict]) -> List[dict]:
+    """Duplicates (same cell and options, from several files) once: the first file's row."""
+    seen: Dict[tuple, dict] = OrderedDict()
+    for row in rows:
+        key = (row["model"], row["method"], float(row["prune"]), int(row["bits"]), row.get("select", ""),
+               json.dumps(row.get("options", {}), sort_keys=True))
+        seen.setdefault(key, row)
     return list(seen.values())
 
 
@@ -163,12 +171,23 @@ def grouped_bars(ax, rows: Sequence[dict], group_of, series_of, metric: str, ref
 HEADLINE_FMNIST = (0.3, 6)
 HEADLINE_IMAGENET = ((0.0, 8), (0.0, 6), (0.0, 4), (0.1, 8), (0.3, 8))
 HEADLINE_IMAGENET_MODELS = ("mobilenetv2_bn", "efficientnet_lite0_bn")
+#: result files of the Fashion-MNIST headline, the ones the README's table cites, later ones winning a cell
+#: (file names do not sort by date: fmnist_samples64_methods.json holds the folded rows before the merge blend)
+HEADLINE_FMNIST_SOURCES = ("fmnist_samples64_methods.json", "fmnist_merge_blend.json", "fmnist_hourglass.json")
+#: the same for the ImageNet panel (quantization rows, then pruning rows with 64 synthetic images)
+HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json")
 
 
-def _latest(rows: Sequence[dict]) -> List[dict]:
-    """One row per (model, method, prune, bits): the one from the file sorted last (final runs win)."""
+def _latest(rows: Sequence[dict], sources: Sequence[str] = ()) -> List[dict]:
+    """One row per (model, method, prune, bits): the one from the file sorted last (final runs win), or, when
+    some rows come from `sources`, only those rows, the later source in `sources` winning."""
+    preferred = [r for r in rows if r["source"] in sources]
+    if preferred:
+        rows, key = preferred, (lambda r: list(sources).index(r["source"]))
+    else:
+        key = (lambda r: r["source"])
     cells: Dict[tuple, dict] = OrderedDict()
-    for r in sorted(rows, key=lambda r: r["source"]):
+    for r in sorted(rows, key=key):
         cells[(r["model"], r["method"], float(r["prune"]), int(r["bits"]))] = r
     return list(cells.values())
 
@@ -177,11 +196,11 @@ def plot_headline(rows: Sequence[dict], out_dir: str) -> Optional[str]:
     """`headline.png`: Fashion-MNIST top-1 per method at prune 0.3 / W6 (default options), and ImageNet-sample
     agreement of udfc (default options) and onnxruntime int8 at a few settings."""
     default = [r for r in rows if r["method"] in METHOD_ORDER]  # option variants have longer series names
-    fmnist = [r for r in default if r["dataset"] == "fmnist"
-              and (float(r["prune"]), int(r["bits"])) == HEADLINE_FMNIST]
+    fmnist = _latest([r for r in default if r["dataset"] == "fmnist"
+                      and (float(r["prune"]), int(r["bits"])) == HEADLINE_FMNIST], HEADLINE_FMNIST_SOURCES)
     imagenet = _latest([r for r in default if r["dataset"] == "imagenet" and r["model"] in HEADLINE_IMAGENET_MODELS
                         and (float(r["prune"]), int(r["bits"])) in HEADLINE_IMAGENET
-                        and r["method"] in ("udfc", "ort-int8")])
+                        and r["method"] in ("udfc", "ort-int8")], HEADLINE_IMAGENET_SOURCES)
     panels = [p for p in (fmnist, imagenet) if p]
     if not panels:
         return None
@@ -192,6 +211,9 @@ def plot_headline(rows: Sequence[dict], out_dir: str) -> Optional[str]:
         originals = {r["model"]: r["top1"] for r in rows if r["dataset"] == "fmnist" and r["method"] == "original"}
         fmnist = sorted(fmnist, key=lambda r: methods_of(fmnist).index(r["method"]))
         grouped_bars(ax, fmnist, lambda r: r["model"], lambda r: r["method"], "top1", originals)
+        ax.tick_params(axis="x", labelrotation=25)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
         ax.set_title("Fashion-MNIST test set, prune 0.3 + W6: top-1 per compensation method", fontsize=10)
         ax.set_ylabel("top-1")
         ax.legend(fontsize=8, ncol=3, loc="lower left")
@@ -221,8 +243,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"no accuracy results in {args.results}", file=sys.stderr)
         return 1
     os.makedirs(out_dir, exist_ok=True)
-    for model in OrderedDict.fromkeys(r["model"] for r in rows):
-        print(plot_model([r for r in rows if r["model"] == model], model, out_dir), file=sys.stderr)
+    cells = unique_cells(rows)
+    for model in OrderedDict.fromkeys(r["model"] for r in cells):
+        print(plot_model([r for r in cells if r["model"] == model], model, out_dir), file=sys.stderr)
     headline = plot_headline(rows, out_dir)
     if headline:
         print(headline, file=sys.stderr)
