@@ -11,10 +11,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import onnx
 
 from ..errors import PassError, UdfcError
 from ..ir.graph import Graph
+from ..ir.layers import tap_coverage
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,11 @@ class PassContext:
         if self.original is not None:
             return self.original, False
         return self.reload_original(), True
+
+    def tap_coverage(self, node: onnx.NodeProto, kernel) -> np.ndarray:
+        """Per tap of a ConvTranspose `node` with kernel shape `kernel`, the fraction of output pixels it
+        reaches (`ir.layers.tap_coverage`, from the shapes found so far)."""
+        return tap_coverage(node, kernel, self.shapes.get(node.input[0]), self.shapes.get(node.output[0]))
 
     def layer(self, node: onnx.NodeProto) -> Dict[str, Any]:
         """Report record of `node` (created on first use)."""

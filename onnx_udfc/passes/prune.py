@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..ir.graph import set_attr
-from ..ir.layers import read_layer, tap_coverage, write_layer
+from ..ir.layers import read_layer, write_layer
 from ..numerics.compensation import (apply_compensation, blend_with_merge, mean_compensation, neuron_merging,
                                      solve_affine_compensation)
 from ..numerics.selection import aligned_removal, effective_multiple, select_by_expected_error, select_by_norm
@@ -42,11 +42,9 @@ def consumer_tap_weights(ctx: PassContext, consumer) -> Optional[np.ndarray]:
     output pixel sees one phase of its taps, so error variances and the mean a removed channel carried are
     averaged over pixels with these weights, ``sum_t c_t V_t^T cov V_t`` and ``sum_t c_t V_t t``.
     """
-    node = consumer.node
-    if node.op_type != "ConvTranspose":
+    if consumer.node.op_type != "ConvTranspose":
         return None
-    kernel = consumer.rows.shape[2:]
-    return tap_coverage(node, kernel, ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0])).reshape(-1)
+    return ctx.tap_coverage(consumer.node, consumer.rows.shape[2:]).reshape(-1)
 
 
 def error_taps(v_taps: np.ndarray, tap_weights: Optional[np.ndarray]) -> np.ndarray:

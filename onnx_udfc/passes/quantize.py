@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir.graph import attr
-from ..ir.layers import read_layer, tap_coverage, write_layer
+from ..ir.layers import read_layer, write_layer
 from ..numerics.quantize import MAX_COLUMNS, QuantSpec, bias_correction, fake_quantize, uses_error_feedback
 from ..stats.propagate import linear_moments, spatial_correlation, transposed_linear_moments
 from .base import PassContext
@@ -95,7 +95,7 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
     wq, _, _ = fake_quantize(rows, spec, tap_weight=tap_weight, input_covariance=covariance,
                              tap_correlation=tap_correlation)
     bias = layer.bias
-    coverage = _tap_coverage(ctx, node, rows) if node.op_type == "ConvTranspose" else None
+    coverage = ctx.tap_coverage(node, rows.shape[2:]) if node.op_type == "ConvTranspose" else None
     if ctx.options.bias_correction and moments is not None:
         weight = 1.0 if coverage is None else coverage
         delta = bias_correction(rows * weight, wq * weight, moments[0], group=layer.group)
@@ -143,11 +143,6 @@ def _error_weight(moments, bias_corrected: bool) -> np.ndarray:
     correction the mean stays too and the weight is `E[x_c^2] = Var[x_c] + E[x_c]^2`."""
     mean, var = (np.asarray(m, np.float64) for m in moments)
     return var if bias_corrected else var + mean ** 2
-
-
-def _tap_coverage(ctx: PassContext, node, rows: np.ndarray) -> np.ndarray:
-    """(kh, kw, ...) fraction of output pixels each ConvTranspose tap reaches (shapes from the context)."""
-    return tap_coverage(node, rows.shape[2:], ctx.shapes.get(node.input[0]), ctx.shapes.get(node.output[0]))
 
 
 def _noise_variance(node, dw: np.ndarray, var_in: np.ndarray, group: int, coverage) -> np.ndarray:
