@@ -54,6 +54,24 @@ class ModelBuilder:
         self.shapes[y] = (n, cout, (h + 2 * p - k) // stride + 1, (wd + 2 * p - k) // stride + 1)
         return y
 
+    def conv_transpose(self, x, cout, k=4, stride=2, pad=1, group=1, output_padding=0, bias=True,
+                       weight=None) -> str:
+        """ConvTranspose (weight (Cin, Cout/g, k, k), He-scaled for the ~k^2 / stride^2 taps an output sees);
+        output size `stride (H - 1) + output_padding + k - 2 pad`."""
+        n, cin, h, w = self.shapes[x]
+        wt = weight if weight is not None else (self.rng.standard_normal((cin, cout // group, k, k))
+                                                * np.sqrt(2.0 / (cin // group * k * k / stride ** 2)))
+        inputs = [x, self.const(np.asarray(wt, np.float32), "wt")]
+        if bias:
+            inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "bt"))
+        attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
+        if output_padding:
+            attrs["output_padding"] = [output_padding] * 2
+        y = self.node("ConvTranspose", inputs, "convt", **attrs)
+        size = lambda d: stride * (d - 1) + output_padding + k - 2 * pad  # noqa: E731
+        self.shapes[y] = (n, cout, size(h), size(w))
+        return y
+
     def bn(self, x) -> str:
         c = self.shapes[x][1]
         gamma = self.rng.uniform(0.5, 1.5, c).astype(np.float32)

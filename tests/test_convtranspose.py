@@ -16,30 +16,11 @@ from onnx_udfc.numerics.quantize import bias_correction
 from onnx_udfc.stats.propagate import transposed_linear_moments
 
 
-def conv_transpose(b: ModelBuilder, x, cout, k=4, stride=2, pad=1, group=1, output_padding=0, bias=True,
-                   weight=None) -> str:
-    """Append ConvTranspose (weight (Cin, Cout/g, k, k)) to the builder; output size
-    `s (H - 1) + output_padding + k - 2 pad`."""
-    n, cin, h, w = b.shapes[x]
-    wt = weight if weight is not None else (b.rng.standard_normal((cin, cout // group, k, k))
-                                            * np.sqrt(2.0 / (cin // group * k * k / stride ** 2)))
-    inputs = [x, b.const(wt.astype(np.float32), "wt")]
-    if bias:
-        inputs.append(b.const((b.rng.standard_normal(cout) * 0.1).astype(np.float32), "bt"))
-    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
-    if output_padding:
-        attrs["output_padding"] = [output_padding] * 2
-    y = b.node("ConvTranspose", inputs, "convt", **attrs)
-    size = lambda d: stride * (d - 1) + output_padding + k - 2 * pad  # noqa: E731
-    b.shapes[y] = (n, cout, size(h), size(w))
-    return y
-
-
 def conv_then_transpose(group=1, seed=0, output_padding=0, k=4) -> onnx.ModelProto:
     """Conv -> BN -> ReLU -> ConvTranspose (stride 2): the transposed conv reads non-zero-mean channels."""
     b = ModelBuilder((1, 3, 12, 12), seed=seed)
     x = conv_bn_relu(b, "input", 8)
-    y = conv_transpose(b, x, 6, k=k, group=group, output_padding=output_padding, pad=1)
+    y = b.conv_transpose(x, 6, k=k, group=group, output_padding=output_padding, pad=1)
     return calibrate_batchnorm(b.build(y))
 
 
@@ -77,7 +58,7 @@ def test_tap_coverage_is_the_fraction_of_output_pixels_each_tap_reaches(k, strid
     """With an all-ones input and a kernel with one tap, the output mean is that tap's coverage."""
     b = ModelBuilder((1, 1, 7, 9), seed=0)
     weight = np.zeros((1, 1, k, k))
-    y = conv_transpose(b, "input", 1, k=k, stride=stride, pad=pad, output_padding=output_padding, bias=False,
+    y = b.conv_transpose("input", 1, k=k, stride=stride, pad=pad, output_padding=output_padding, bias=False,
                        weight=weight)
     model = b.build(y)
     node = transpose_node(model)
@@ -101,7 +82,7 @@ def test_transposed_moments_match_sampled_outputs():
     """Independent inputs N(mu_c, v_c) per pixel (rho = 0): phase-averaged moments of the output."""
     rng = np.random.default_rng(3)
     b = ModelBuilder((1, 4, 24, 24), seed=1)
-    y = conv_transpose(b, "input", 6, k=3, stride=2, pad=1, output_padding=1, group=2)
+    y = b.conv_transpose("input", 6, k=3, stride=2, pad=1, output_padding=1, group=2)
     model = b.build(y)
     node = transpose_node(model)
     graph = Graph(model)
@@ -188,9 +169,9 @@ def transposed_chain(seed=0, group=1, bn=True) -> onnx.ModelProto:
     chains with a ConvTranspose producer, a ConvTranspose consumer, and both."""
     b = ModelBuilder((1, 3, 8, 8), seed=seed)
     x = conv_bn_relu(b, "input", 16)
-    y = conv_transpose(b, x, 16, bias=not bn, group=group)
+    y = b.conv_transpose(x, 16, bias=not bn, group=group)
     y = b.relu(b.bn(y) if bn else y)
-    z = conv_transpose(b, y, 12, bias=not bn)
+    z = b.conv_transpose(y, 12, bias=not bn)
     z = b.relu(b.bn(z) if bn else z)
     return calibrate_batchnorm(b.build(b.conv(z, 3, k=3)))
 
@@ -226,7 +207,7 @@ def test_batchnorm_after_convtranspose_is_folded_exactly_with_its_prior():
 
 def test_per_channel_mul_add_after_convtranspose_is_folded_exactly():
     b = ModelBuilder((1, 4, 6, 6), seed=2)
-    y = conv_transpose(b, "input", 6)
+    y = b.conv_transpose("input", 6)
     y = b.node("Mul", [y, b.const(b.rng.uniform(0.5, 2, (1, 6, 1, 1)).astype(np.float32), "s")], "mul")
     y = b.node("Add", [y, b.const(b.rng.standard_normal((1, 6, 1, 1)).astype(np.float32), "t")], "add")
     b.shapes[y] = (1, 6, 12, 12)
@@ -269,7 +250,7 @@ def redundant_transposed_model(duplicates=(5, 9), sources=(2, 4), scales=(1.7, 0
     y = b.node("ConvTranspose", ["input", b.const(w.astype(np.float32), "wt"), b.const(bias.astype(np.float32), "bt")],
                "convt", kernel_shape=[4, 4], strides=[2, 2], pads=[1, 1, 1, 1])
     b.shapes[y] = (1, 16, 12, 12)
-    z = conv_transpose(b, b.relu(y), 5, k=3, stride=2, pad=1, output_padding=1)
+    z = b.conv_transpose(b.relu(y), 5, k=3, stride=2, pad=1, output_padding=1)
     return b.build(z)
 
 
@@ -293,7 +274,7 @@ def constant_channel_model() -> onnx.ModelProto:
     bias[0] = 2.0
     y = b.conv("input", 8, weight=w)
     b.inits[-1].CopyFrom(onnx.numpy_helper.from_array(bias.astype(np.float32), b.inits[-1].name))
-    z = conv_transpose(b, b.relu(y), 4, k=3, stride=2, pad=1, output_padding=1)
+    z = b.conv_transpose(b.relu(y), 4, k=3, stride=2, pad=1, output_padding=1)
     return b.build(z)
 
 
@@ -333,7 +314,7 @@ def test_transposed_output_correlation_sums_each_phase_of_the_kernel():
 
     rng = np.random.default_rng(11)
     b = ModelBuilder((1, 5, 20, 20), seed=12)
-    model = b.build(conv_transpose(b, "input", 6, bias=False))
+    model = b.build(b.conv_transpose("input", 6, bias=False))
     node = transpose_node(model)
     rows = read_layer(Graph(model), node).rows.astype(np.float64)
     var_in = rng.uniform(0.5, 2.0, 5)

@@ -94,21 +94,6 @@ class FuzzBuilder(ModelBuilder):
         self.shapes[y] = (n, ca + self.shapes[b][1], h, w)
         return y
 
-    def conv_transpose(self, x, cout, k, stride, pad, output_padding, group, bias) -> str:
-        """ConvTranspose (weight (Cin, Cout/g, k, k)); output size `s (H - 1) + output_padding + k - 2 pad`."""
-        n, cin, h, w = self.shapes[x]
-        wt = self.rng.standard_normal((cin, cout // group, k, k)) * np.sqrt(2.0 * stride ** 2 / (cin // group * k * k))
-        inputs = [x, self.const(wt.astype(np.float32), "wt")]
-        if bias:
-            inputs.append(self.const((self.rng.standard_normal(cout) * 0.1).astype(np.float32), "bt"))
-        attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group)
-        if output_padding:
-            attrs["output_padding"] = [output_padding] * 2
-        y = self.node("ConvTranspose", inputs, "convt", **attrs)
-        size = lambda d: stride * (d - 1) + output_padding + k - 2 * pad  # noqa: E731
-        self.shapes[y] = (n, cout, size(h), size(w))
-        return y
-
     def gemm2(self, x, out, trans_b, bias) -> str:
         k = self.shapes[x][1]
         w = self.rng.standard_normal((out, k)) * np.sqrt(2.0 / k)
@@ -149,6 +134,12 @@ def conv_unit(draw, b: FuzzBuilder, x: str, log: List[str], cout=None, stride=No
     y = b.conv2(x, c, k, s, dw, bias)
     log.append(f"{y} = Conv({x}, {cin}->{c}, k{k}, s{s}{', depthwise' if dw and cin > 1 else ''}"
                f"{', bias' if bias else ''}) -> {b.shapes[y]}")
+    return draw(bn_act(b, y, log))
+
+
+@st.composite
+def bn_act(draw, b: FuzzBuilder, y: str, log: List[str]) -> str:
+    """[BN] [-> act] after a layer's output `y`."""
     if draw(st.booleans()):
         neg = draw(st.booleans())
         y2 = b.bn2(y, neg)
@@ -186,20 +177,11 @@ def cases(draw) -> Case:
             cout = draw(st.integers(1, 24))
             group = cin if cin == cout and cin > 1 and draw(st.booleans()) else 1
             bias = draw(st.booleans())
-            y = b.conv_transpose(x, cout, k, stride, pad, output_padding, group, bias)
+            y = b.conv_transpose(x, cout, k=k, stride=stride, pad=pad, group=group,
+                                 output_padding=output_padding, bias=bias)
             log.append(f"{y} = ConvTranspose({x}, {cin}->{cout}, k{k}, s{stride}, pad {pad}, output_padding "
                        f"{output_padding}, group {group}{', bias' if bias else ''}) -> {b.shapes[y]}")
-            x = y
-            if draw(st.booleans()):
-                neg = draw(st.booleans())
-                y = b.bn2(x, neg)
-                log.append(f"{y} = BN({x}{', signed gamma' if neg else ''})")
-                x = y
-            a = draw(st.sampled_from(ACTS))
-            if a != "none":
-                y = b.act(x, a)
-                log.append(f"{y} = {a}({x})")
-                x = y
+            x = draw(bn_act(b, y, log))
         elif kind == "bn":
             neg = draw(st.booleans())
             y = b.bn2(x, neg)

@@ -466,11 +466,17 @@ class SampledStatistics(AnalyticStatistics):
 
     def restrict(self, path, kept: np.ndarray) -> None:
         super().restrict(path, kept)
-        for tensor, block in path:
-            if tensor in self._measured and block == 1:
-                mean, cov = self._measured[tensor]
-                if mean.shape[0] > kept.max(initial=0):
-                    self._measured[tensor] = (mean[kept], cov[np.ix_(kept, kept)])
+        restrict_chain_moments(self._measured, path, kept)
+
+
+def restrict_chain_moments(store: Dict[str, Moments], path, kept: np.ndarray) -> None:
+    """After pruning: keep channels `kept` of every (mean, cov) in `store` whose tensor is on the chain's `path`
+    (per-channel tensors only; `path` as in `AnalyticStatistics.restrict`)."""
+    for tensor, block in path:
+        if tensor in store and block == 1:
+            mean, cov = store[tensor]
+            if mean.shape[0] > kept.max(initial=0):
+                store[tensor] = (mean[kept], cov[np.ix_(kept, kept)])
 
 
 class CombinedStatistics(SampledStatistics):
@@ -515,8 +521,4 @@ class CombinedStatistics(SampledStatistics):
 
     def restrict(self, path, kept: np.ndarray) -> None:
         super().restrict(path, kept)
-        for tensor, block in path:
-            if tensor in self._combined and block == 1:
-                mean, cov = self._combined[tensor]
-                if mean.shape[0] > kept.max(initial=0):
-                    self._combined[tensor] = (mean[kept], cov[np.ix_(kept, kept)])
+        restrict_chain_moments(self._combined, path, kept)
