@@ -59,23 +59,31 @@ def conv_bn_relu(cin, cout, stride=1):
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class VGG(nn.Module):
-    """Plain chain: 2 convs, maxpool, 2 convs, maxpool, 1 conv, GAP, Linear."""
+class FeaturesGapLinear(nn.Module):
+    """`features` (a Sequential ending with `width` channels), global average pool, Linear to the classes.
+    Submodules are created in that order (features, then the classifier), so seeded weights follow it."""
 
-    def __init__(self, widths=(32, 32, 64, 64, 128), num_classes=10):
+    def __init__(self, features: nn.Sequential, width: int, num_classes: int):
         super().__init__()
-        a, b, c, d, e = widths
-        self.features = nn.Sequential(
-            *conv_bn_relu(1, a), *conv_bn_relu(a, b), nn.MaxPool2d(2),
-            *conv_bn_relu(b, c), *conv_bn_relu(c, d), nn.MaxPool2d(2),
-            *conv_bn_relu(d, e),
-        )
+        self.features = features
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(e, num_classes)
+        self.classifier = nn.Linear(width, num_classes)
 
     def forward(self, x):
         x = self.pool(self.features(x))
         return self.classifier(torch.flatten(x, 1))
+
+
+class VGG(FeaturesGapLinear):
+    """Plain chain: 2 convs, maxpool, 2 convs, maxpool, 1 conv, GAP, Linear."""
+
+    def __init__(self, widths=(32, 32, 64, 64, 128), num_classes=10):
+        a, b, c, d, e = widths
+        super().__init__(nn.Sequential(
+            *conv_bn_relu(1, a), *conv_bn_relu(a, b), nn.MaxPool2d(2),
+            *conv_bn_relu(b, c), *conv_bn_relu(c, d), nn.MaxPool2d(2),
+            *conv_bn_relu(d, e),
+        ), e, num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -126,25 +134,18 @@ def convtranspose_bn_relu(cin, cout):
     return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-class Hourglass(nn.Module):
+class Hourglass(FeaturesGapLinear):
     """Encoder-decoder classifier: stride-2 convs down to 7x7, two stride-2 ConvTranspose back up to 28x28 (the
     decoder of a segmentation or pose head), a stride-2 conv, GAP, Linear. Its chains have ConvTranspose
     producers and consumers."""
 
     def __init__(self, widths=(32, 64, 128), num_classes=10):
-        super().__init__()
         a, b, c = widths
-        self.features = nn.Sequential(
+        super().__init__(nn.Sequential(
             *conv_bn_relu(1, a), *conv_bn_relu(a, b, 2), *conv_bn_relu(b, c, 2),
             *convtranspose_bn_relu(c, b), *convtranspose_bn_relu(b, a),
             *conv_bn_relu(a, b, 2),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(b, num_classes)
-
-    def forward(self, x):
-        x = self.pool(self.features(x))
-        return self.classifier(torch.flatten(x, 1))
+        ), b, num_classes)
 
 
 # name -> (constructor, default epochs, peak lr, description)
