@@ -279,3 +279,17 @@ def test_gram_sums_in_onnxruntime_equal_the_feature_maps_own():
         assert m1.shape == (shapes[name][1],) and c1.shape == (shapes[name][1],) * 2
         np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5 * np.abs(m2).max())
         np.testing.assert_allclose(c1, c2, rtol=1e-4, atol=1e-5 * np.abs(c2).max())
+
+
+def test_probe_sessions_do_not_keep_the_model_bytes():
+    """onnxruntime's InferenceSession keeps the bytes it was made from; `inference_session` drops them
+    (a second copy of the whole model during the statistics probe and the validation)."""
+    from onnx_udfc.ort_session import inference_session
+
+    model = plain_chain(seed=2)
+    data = model.SerializeToString()
+    session = inference_session(data, ort.SessionOptions())
+    assert getattr(session, "_model_bytes", None) is None
+    x = {model.graph.input[0].name: random_input(model, batch=2, seed=1)}
+    expected = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)
+    np.testing.assert_array_equal(session.run(None, x)[0], expected[0])

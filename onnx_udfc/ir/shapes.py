@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UsageError
+from ..ort_session import inference_session
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def _shapes_from_a_run(model: onnx.ModelProto, input_shapes: Dict[str, Shape], n
         opts.log_severity_level = 3
         opts.enable_cpu_mem_arena = False  # one run: buffers go back to the system as soon as they are free
         opts.enable_mem_pattern = False
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = inference_session(probe.SerializeToString(), opts)
         values = sess.run(names, feeds)
     except Exception as exc:
         log.warning("shapes of %d tensors unknown (onnxruntime probe failed: %s)", len(names), str(exc).splitlines()[0])

@@ -68,27 +68,42 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
             log.debug("select_by_expected_error: covariance not positive semi-definite, projected")
             cov = nearest_psd(cov)
     log.debug("select_by_expected_error: covariance not positive definite, using pinv")
-    q = np.linalg.pinv(a)
+    q = np.linalg.pinv(_ridged(cov, ridge))  # the failed factorisation overwrote `a`
     return 0.5 * (q + q.T)
 
 
+def _symmetrised(a: np.ndarray) -> np.ndarray:
+    """``(a + a^T) / 2`` as one new array (no second temporary)."""
+    out = a + a.T
+    out *= 0.5
+    return out
+
+
 def _ridged(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """A new array ``cov + ridge * mean(diag(cov)+) I`` (the ridge added on the diagonal of a copy: no
+    (N, N) identity)."""
     scale = float(np.mean(np.maximum(np.diag(cov), 0.0)))
-    return cov + float(ridge) * (scale if scale > 0 else 1.0) * np.eye(cov.shape[0])
+    a = cov.copy()
+    a.flat[::a.shape[0] + 1] += float(ridge) * (scale if scale > 0 else 1.0)
+    return a
 
 
 def _cholesky_inverse(a: np.ndarray):
     """Inverse of a symmetric positive definite ``a`` by Cholesky (half the work of LU, exactly symmetric),
-    or None when ``a`` is not positive definite or not finite."""
+    or None when ``a`` is not positive definite or not finite. ``a`` is overwritten (factor and inverse
+    are computed in its memory)."""
     from scipy.linalg.lapack import dpotrf, dpotri  # on first use: scipy.linalg costs 0.2 s to import
 
     if not np.all(np.isfinite(a)):
         return None
-    factor, info = dpotrf(a, lower=1, clean=0)
+    # LAPACK works in place on a Fortran-ordered array: a.T is one (the same matrix: a is symmetric), where
+    # a C-ordered `a` would be copied. The inverse is returned C-ordered (its transpose, equal by symmetry),
+    # so the greedy's row reads are contiguous.
+    factor, info = dpotrf(a.T, lower=1, clean=0, overwrite_a=1)
     if info != 0:
         return None
-    inverse, info = dpotri(factor, lower=1)
-    return _mirror_lower(inverse) if info == 0 else None
+    inverse, info = dpotri(factor, lower=1, overwrite_c=1)
+    return _mirror_lower(inverse).T if info == 0 else None
 
 
 def _mirror_lower(a: np.ndarray, block: int = 256) -> np.ndarray:
@@ -137,8 +152,8 @@ class BackwardGreedy:
             raise ValueError("cov and gram must both be (N, N)")
         self.n = n
         self.max_remove = _check_n_remove(max_remove, n)
-        self.q = _precision(0.5 * (cov + cov.T), ridge)
-        self.g = 0.5 * (gram + gram.T)
+        self.q = _precision(_symmetrised(cov), ridge)
+        self.g = _symmetrised(gram)
         # Everything indexed by candidate lives on the stored columns `cols` (channel indices, ascending): the
         # removed channels' columns are never read again, and dropping them (`_compact`) shrinks the product
         # that bounds a step (MobileNetV2's 1280-channel chain ends with 384 candidates).

@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import BadModelError, ValidationFailed
 from ..ir.shapes import NUMPY_TYPES
+from ..ort_session import inference_session
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _session(model: Union[onnx.ModelProto, bytes, str]):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
-    return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    return inference_session(data, opts)
 
 
 def run_model(model: Union[onnx.ModelProto, bytes, str], feeds: Dict[str, np.ndarray]) -> List[np.ndarray]:

@@ -118,8 +118,11 @@ def test_precision_is_the_exact_symmetric_inverse_of_the_ridged_covariance(n):
     np.testing.assert_array_equal(_mirror_lower(a.copy(), block=64), np.tril(a) + np.tril(a, -1).T)
     f = rng.standard_normal((n, max(1, n // 2)))
     cov = f @ f.T / max(1, n // 2)
+    given = cov.copy()
     q = _precision(cov, 0.1)
+    np.testing.assert_array_equal(cov, given)  # LAPACK works in place, on a copy
     np.testing.assert_array_equal(q, q.T)
+    assert q.flags["C_CONTIGUOUS"]  # the greedy reads its rows
     ridged = cov + 0.1 * np.mean(np.diag(cov)) * np.eye(n)
     np.testing.assert_allclose(q @ ridged, np.eye(n), atol=1e-9)
 
