@@ -293,3 +293,33 @@ def test_probe_sessions_do_not_keep_the_model_bytes():
     x = {model.graph.input[0].name: random_input(model, batch=2, seed=1)}
     expected = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, x)
     np.testing.assert_array_equal(session.run(None, x)[0], expected[0])
+
+
+def test_chains_through_a_global_pool_are_priced_on_the_pooled_vectors():
+    """Synthetic statistics: the GAP -> Flatten -> Gemm chain is selected on the covariance of the pooled
+    vectors (one row per image, what the Gemm reads) and compensated with the positions' covariance; other
+    chains and BN-kept (combined) statistics price on the positions."""
+    from onnx_udfc.stats.sampled import SampledStatistics
+
+    model = plain_chain(seed=4)
+    ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3)
+    x = random_input(model, batch=24, seed=6)
+    stats = SampledStatistics(ctx.graph, ctx.shapes, ctx.priors, model, ctx.chains, ctx.input_shapes, inputs=x,
+                              batch_norm="running")
+    gap_chain = next(c for c in ctx.chains if c.consumer.op_type == "Gemm")
+    pooled = ctx.graph.producer_of(gap_chain.consumer.input[0]).input[0]  # Flatten's input: the GAP output
+    probe = batch_statistics_probe(model, [pooled], {}, batch_norm="running")
+    rows = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0].reshape(len(x), -1).astype(np.float64)
+    mean, cov = stats.selection_statistics(gap_chain)
+    np.testing.assert_allclose(mean, rows.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(cov, np.cov(rows, rowvar=False, bias=True), rtol=1e-3, atol=1e-6)
+    positions_mean, positions_cov = stats.chain_statistics(gap_chain)
+    real_mean, real_cov = measured_chain_stats(model, gap_chain, x)
+    np.testing.assert_allclose(positions_cov, real_cov, rtol=0.05, atol=1e-4 * np.abs(real_cov).max())
+    assert np.trace(cov) < 0.8 * np.trace(positions_cov)  # the pool averaged the within-image variation away
+    other = next(c for c in ctx.chains if c is not gap_chain)
+    assert stats.selection_statistics(other) is stats.chain_statistics(other)
+    combined = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="combined").stats
+    chain = next(c for c in combined._by_output.values() if c.consumer.op_type == "Gemm")
+    assert combined.selection_statistics(chain) is combined.chain_statistics(chain)

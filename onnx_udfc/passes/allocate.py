@@ -62,7 +62,7 @@ def normalised_gram(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
 
 def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[BackwardGreedy]:
     """The backward greedy of `chain` on its relative consumer error, or None without statistics."""
-    statistics = ctx.stats.chain_statistics(chain) if ctx.stats is not None else None
+    statistics = ctx.stats.selection_statistics(chain) if ctx.stats is not None else None
     consumer = read_layer(ctx.graph, chain.consumer)
     if statistics is None or consumer is None or max_remove < 1:
         return None

@@ -93,7 +93,8 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     elif select == "expected-error":
         scaled = error_taps(v_taps, tap_weights)
         gram = np.einsum("mnt,mkt->nk", scaled, scaled, optimize=True)
-        pruned = select_by_expected_error(statistics[1], gram, n_remove, ridge=options.selection_ridge)
+        pruned = select_by_expected_error(ctx.stats.selection_statistics(chain)[1], gram, n_remove,
+                                          ridge=options.selection_ridge)
     else:
         pruned = select_by_norm(flat_producer, n_remove)
     kept = np.setdiff1d(np.arange(n), pruned)

@@ -54,6 +54,11 @@ class StatisticsModel:
         """(mean (N,), cov (N, N)) of the channels the consumer reads, or None if unknown."""
         raise NotImplementedError
 
+    def selection_statistics(self, chain: Chain) -> Optional[Moments]:
+        """(mean, cov) that price the removal of the chain's channels (expected-error selection and the global
+        allocation); `chain_statistics` unless a model measures something closer to what the consumer reads."""
+        return self.chain_statistics(chain)
+
     def input_covariance(self, node) -> Optional[np.ndarray]:
         """(C, C) covariance of a linear layer's input channels, or None if unknown."""
         return None
