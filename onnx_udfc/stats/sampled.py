@@ -494,8 +494,9 @@ class SampledStatistics(AnalyticStatistics):
         ImageNet sample, prune 0.1 / 0.3 + W8: MobileNetV2 folded 0.544 / 0.028 -> 0.588 / 0.032,
         EfficientNet-Lite0 folded 0.766 / 0.156 -> 0.768 / 0.170. Not with BN kept (`CombinedStatistics`), where
         the pooled covariance would come from the samples alone while the other chains are priced on the average
-        with the analytic model (prune 0.1 / 0.3 + W8): MobileNetV2 0.804 / 0.636 -> 0.804 / 0.624, EfficientNet-Lite0 0.846 / 0.584 ->
-        0.830 / 0.516; Fashion-MNIST VGG prune 0.5 0.850 -> 0.821 at 0.39 -> 0.46x MACs.
+        with the analytic model (prune 0.1 / 0.3 + W8): MobileNetV2 0.804 / 0.636 -> 0.804 / 0.624,
+        EfficientNet-Lite0 0.846 / 0.584 -> 0.830 / 0.516; Fashion-MNIST VGG prune 0.5 0.850 -> 0.821 at
+        0.39 -> 0.46x MACs.
         """
         pooled = self._pooled.get(chain.last_stage.output)
         if pooled is None or pooled[0].shape[0] != chain.channels:
