@@ -472,6 +472,8 @@ class SampledStatistics(AnalyticStatistics):
         kind = " (random spectral exponent, contrast and brightness per image)" if synthetic == "prior" else ""
         self.source = (f"{self.label}channel covariances from {samples} synthetic pink-noise images{kind} pushed through the "
                        f"model with every BN normalising by its batch statistics (seed {seed}); "
+                       + (f"{len(self._pooled)} chain(s) read through a global pool selected on the pooled vectors' "
+                          "covariance; " if self._pooled else "")
                        + self.source)
 
     def chain_statistics(self, chain: Chain) -> Optional[Moments]:
