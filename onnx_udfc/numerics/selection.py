@@ -68,8 +68,7 @@ def _precision(cov: np.ndarray, ridge: float) -> np.ndarray:
             log.debug("select_by_expected_error: covariance not positive semi-definite, projected")
             cov = nearest_psd(cov)
     log.debug("select_by_expected_error: covariance not positive definite, using pinv")
-    q = np.linalg.pinv(_ridged(cov, ridge))  # the failed factorisation overwrote `a`
-    return 0.5 * (q + q.T)
+    return _symmetrised(np.linalg.pinv(_ridged(cov, ridge)))  # the failed factorisation overwrote `a`
 
 
 def _symmetrised(a: np.ndarray) -> np.ndarray:
