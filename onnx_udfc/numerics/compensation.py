@@ -178,7 +178,7 @@ def merge_partners(w_hat, b_hat, kept) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return pruned, partner, cosine, scale
 
 
-def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.45) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shrink a least-squares compensation toward Neuron Merging, more where the merge partner is closer.
 
     For each pruned channel m with a partner k (cosine ``c_m > threshold``, `merge_partners`)::
@@ -191,6 +191,14 @@ def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.45) -> tuple
     statistics of synthetic inputs through an un-normalised network, and the weights-only merge is the
     independent second opinion; the closer the filters, the more exact the merge (``c = 1``: exact for
     ReLU). Arguments as `solve_affine_compensation`'s results and `merge_partners`'s inputs.
+
+    `threshold` 0: every pruned channel whose best partner has a positive cosine is blended, by that cosine
+    (merge's own 0.45, a cut-off for merging at all, made the weight jump from 0 to 0.45). Fashion-MNIST
+    exported with BN folded, udfc W6, mean of seeds 0-2, prune 0.1 / 0.3 / 0.5, threshold 0.45 -> 0: VGG
+    0.917 / 0.871 / 0.416 -> 0.918 / 0.881 / 0.538, small VGG 0.910 / 0.769 / 0.142 -> 0.913 / 0.823 / 0.173,
+    hourglass 0.896 / 0.498 / 0.258 -> 0.897 / 0.498 / 0.318, ResNet-20 0.910 / 0.747 / 0.285 -> 0.911 / 0.741 /
+    0.291; folded ImageNet prune 0.1 / 0.3 + W8 (only the head chains are blended) top-1 unchanged, KL to the
+    original lower (MobileNetV2 1.30 / 5.67 -> 1.24 / 5.52).
 
     Returns:
         S (N, |K|) and t (N,), new arrays; the pruned channels whose rows were blended (ascending).

@@ -152,7 +152,7 @@ def test_blend_with_merge_weights_rows_by_partner_cosine():
     mean, cov = _random_stats(rng, n)
     s_ls, t_ls = solve_affine_compensation(mean, cov, kept, ridge=0.01)
     s_ls[kept], t_ls[kept] = np.eye(kept.size), 0.0
-    s, t, blended = blend_with_merge(s_ls, t_ls, w, b, kept)
+    s, t, blended = blend_with_merge(s_ls, t_ls, w, b, kept, threshold=0.45)
     np.testing.assert_array_equal(blended, [4, 5])
     s_merge, _ = neuron_merging(w, b, kept)
     np.testing.assert_allclose(s[5], s_merge[5], atol=1e-12)  # cosine 1: the merge row exactly
@@ -165,6 +165,18 @@ def test_blend_with_merge_weights_rows_by_partner_cosine():
     np.testing.assert_allclose(s[4], (1 - c4) * s_ls[4] + c4 * s_merge[4], atol=1e-12)
     assert t[4] == pytest.approx((1 - c4) * t_ls[4])
     assert not np.shares_memory(s, s_ls)
+    # default threshold 0: every partner with a positive cosine counts, by its cosine (6 has cosine ~0)
+    s0, t0, blended0 = blend_with_merge(s_ls, t_ls, w, b, kept)
+    np.testing.assert_allclose(s0[:6], s[:6], atol=1e-12)
+    np.testing.assert_allclose(s0[6], s_ls[6], atol=1e-12)
+    w[6], b[6] = -w[3] + 0.1 * w[6], -b[3] + 0.1 * b[6]  # now a weak positive partner among the kept
+    pruned, partner, cosine, scale = merge_partners(w, b, kept)
+    c6 = cosine[2]
+    assert 0.0 < c6 < 0.45
+    s0, t0, blended0 = blend_with_merge(s_ls, t_ls, w, b, kept)
+    assert 6 in blended0.tolist()
+    s_merge6, _ = neuron_merging(w, b, kept, threshold=0.0)
+    np.testing.assert_allclose(s0[6], (1 - c6) * s_ls[6] + c6 * s_merge6[6], atol=1e-12)
 
 
 def test_apply_compensation_brute_force():
