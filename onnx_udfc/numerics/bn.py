@@ -37,11 +37,13 @@ def fold_batchnorm(w, b, gamma, beta, mean, var, eps) -> tuple[np.ndarray, np.nd
     if b64.shape != (n,):
         raise ValueError(f"b must have shape ({n},), got {b64.shape}")
     scale = gamma / np.sqrt(var + float(eps))
-    w_f = w.astype(np.float64)
-    w_f *= scale.reshape((n,) + (1,) * (w.ndim - 1))
-    b_f = (b64 - mean) * scale + beta
     dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else np.float64
-    return w_f.astype(dtype), b_f.astype(dtype)
+    # the product is formed in float64 and rounded once into the output's dtype, chunk by chunk inside
+    # numpy's loop: no float64 copy of the whole weight
+    w_f = np.empty(w.shape, dtype=dtype)
+    np.multiply(w, scale.reshape((n,) + (1,) * (w.ndim - 1)), out=w_f, casting="same_kind")
+    b_f = (b64 - mean) * scale + beta
+    return w_f, b_f.astype(dtype)
 
 
 def bn_prior(gamma, beta) -> tuple[np.ndarray, np.ndarray]:

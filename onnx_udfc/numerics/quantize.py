@@ -24,7 +24,8 @@ import numpy as np
 from ._error_feedback import MAX_COLUMNS, error_feedback_levels
 from ._rounding import _balance, _row_broadcast_buffers
 
-__all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "uses_error_feedback", "bias_correction", "SCALE_FLOOR",
+__all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "uses_error_feedback", "bias_correction", "bias_shift",
+           "SCALE_FLOOR",
            "MAX_COLUMNS", "ROUNDINGS"]
 
 log = logging.getLogger(__name__)
@@ -345,13 +346,18 @@ def bias_correction(w, w_q, input_mean, group: int = 1) -> np.ndarray:
     w, w_q = np.asarray(w), np.asarray(w_q)
     if w.shape != w_q.shape or w.ndim < 2:
         raise ValueError("w and w_q must have the same shape (N, C, ...)")
-    d = np.subtract(w, w_q, dtype=np.float64)  # exact differences, without float64 copies of w and w_q
-    n, cg = w.shape[:2]
+    # exact differences, without float64 copies of w and w_q
+    return bias_shift(np.subtract(w, w_q, dtype=np.float64), input_mean, group)
+
+
+def bias_shift(d, input_mean, group: int = 1) -> np.ndarray:
+    """`bias_correction` from the weight change ``d = w - w_q`` (N, Cg, *taps) or (N, C), float64: (N,)."""
+    n, cg = d.shape[:2]
     if group < 1 or n % group:
         raise ValueError(f"N={n} is not divisible by group={group}")
     m = np.asarray(input_mean, dtype=np.float64).reshape(-1)
     if m.shape != (group * cg,):
         raise ValueError(f"input_mean must have shape ({group * cg},), got {m.shape}")
-    dsum = d.reshape(n, cg, -1).sum(axis=2)  # (N, Cg)
+    dsum = d.reshape(n, cg, -1).sum(axis=2) if d[0, 0].size > 1 else d.reshape(n, cg)  # (N, Cg)
     per_out = m.reshape(group, cg)[np.arange(n) // (n // group)]  # (N, Cg)
     return np.sum(dsum * per_out, axis=1)

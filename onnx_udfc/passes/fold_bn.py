@@ -124,7 +124,7 @@ class FoldBatchNormPass(Pass):
         if len(conv.input) > 2 and conv.input[2] and b is None:
             return False
         w2, b2 = fold_batchnorm(w, b, *params)
-        graph.set_weight(conv, 1, w2.astype(np.float32))
+        graph.set_weight(conv, 1, w2)
         graph.set_weight(conv, 2, np.asarray(b2, dtype=np.float32))
         return True
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..ir.graph import attr
 from ..ir.layers import read_layer, write_layer
-from ..numerics.quantize import MAX_COLUMNS, QuantSpec, bias_correction, fake_quantize, uses_error_feedback
+from ..numerics.quantize import (MAX_COLUMNS, QuantSpec, bias_correction, bias_shift, fake_quantize,
+                                uses_error_feedback)
 from ..stats.propagate import linear_moments, spatial_correlation, transposed_linear_moments
 from .base import PassContext
 
@@ -96,15 +97,17 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
                              tap_correlation=tap_correlation)
     bias = layer.bias
     coverage = ctx.tap_coverage(node, rows.shape[2:]) if node.op_type == "ConvTranspose" else None
+    dw = np.subtract(rows, wq, dtype=np.float64)  # exact: both float32
     if ctx.options.bias_correction and moments is not None:
-        weight = 1.0 if coverage is None else coverage
-        delta = bias_correction(rows * weight, wq * weight, moments[0], group=layer.group)
+        if coverage is None:
+            delta = bias_shift(dw, moments[0], group=layer.group)
+        else:
+            delta = bias_correction(rows * coverage, wq * coverage, moments[0], group=layer.group)
         bias = (np.zeros(n) if bias is None else bias) + delta
         record["bias_correction"] = True
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
     var_in = moments[1] if moments is not None else np.ones(c * layer.group)
-    dw = np.asarray(rows, np.float64) - wq
     ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
     write_layer(graph, layer, wq, bias)
     record["bits"] = bits
