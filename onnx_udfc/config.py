@@ -50,8 +50,10 @@ class Options:
         ResNet-20 0.422 -> 0.285). Folded ImageNet exports, prune 0.1 + W8: EfficientNet-Lite0 0.738 -> 0.766
         (its head chain), MobileNetV2 (every pruned chain has a depthwise conv) unchanged. BN-kept chains are
         unchanged. Every removed channel with a positively correlated partner is blended (threshold 0, it was
-        merge's 0.45): prune 0.5 VGG 0.416 -> 0.538, small VGG prune 0.3 0.769 -> 0.823 (see
-        `blend_with_merge`).
+        merge's 0.45): prune 0.5 VGG 0.416 -> 0.538, small VGG prune 0.3 0.769 -> 0.823, and by the square
+        root of the cosine rather than the cosine: prune 0.3 / 0.5 VGG 0.881 / 0.538 -> 0.887 / 0.647, small
+        VGG 0.823 / 0.173 -> 0.843 / 0.204, hourglass 0.498 / 0.318 -> 0.526 / 0.381, ResNet-20 0.741 / 0.291
+        -> 0.726 / 0.287 (see `blend_with_merge`).
     statistics: where chain covariances come from: `analytic` (BN prior and weights), `synthetic`
         (`samples` seeded synthetic images, see synthetic_inputs, pushed through the model, BNs on batch statistics), `combined`
         (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN

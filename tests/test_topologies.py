@@ -74,11 +74,12 @@ def test_gemm_chain(matmul):
     assert sorted(weight_shapes(out).values()) == sorted(
         [(48, 32), (36, 48), (36, 10) if matmul else (10, 36)])
     # random weights, N(0, 1) inputs: the statistics are exact here, so least squares alone is best; the
-    # default blend toward Neuron Merging (made for biased synthetic statistics) costs a little
-    # (relative error 0.23-0.28 without it, 0.30 with it)
-    assert err < 0.35
+    # default blend toward Neuron Merging (made for biased synthetic statistics) costs here (relative error
+    # 0.23-0.28 without it, 0.42 with the square-root weight, 0.30 with the cosine itself)
+    assert err < 0.45
     _, _, err_least_squares = compress_and_check(model, prune=0.25, bits=8, merge_blend=False)
     assert err_least_squares < 0.3
+    assert err_least_squares < err
 
 
 def test_gap_gemm_consumer_loses_columns():

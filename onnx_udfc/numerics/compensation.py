@@ -181,9 +181,10 @@ def merge_partners(w_hat, b_hat, kept) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Shrink a least-squares compensation toward Neuron Merging, more where the merge partner is closer.
 
-    For each pruned channel m with a partner k (cosine ``c_m > threshold``, `merge_partners`)::
+    For each pruned channel m with a partner k (cosine ``c_m > threshold``, `merge_partners`), with the
+    weight ``a_m = sqrt(c_m)``::
 
-        S[m] <- (1 - c_m) S[m] + c_m e_k lambda_m,   t[m] <- (1 - c_m) t[m]
+        S[m] <- (1 - a_m) S[m] + a_m e_k lambda_m,   t[m] <- (1 - a_m) t[m]
 
     (``e_k lambda_m``: merge's row, the partner's scale in column k; merge has no intercept). Rows of kept
     channels and of pruned channels without a partner are unchanged. Used where the covariance behind
@@ -200,6 +201,13 @@ def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.0) -> tuple[
     0.291; folded ImageNet prune 0.1 / 0.3 + W8 (only the head chains are blended) top-1 unchanged, KL to the
     original lower (MobileNetV2 1.30 / 5.67 -> 1.24 / 5.52).
 
+    Weight ``sqrt(c)`` rather than ``c`` (more trust in merge at every cosine), same runs, prune 0.1 / 0.3 / 0.5:
+    VGG 0.918 / 0.881 / 0.538 -> 0.920 / 0.887 / 0.647, small VGG 0.913 / 0.823 / 0.173 -> 0.914 / 0.843 / 0.204,
+    hourglass 0.897 / 0.498 / 0.318 -> 0.899 / 0.526 / 0.381, ResNet-20 0.911 / 0.741 / 0.291 -> 0.913 / 0.726 /
+    0.287 (merge alone: 0.924 / 0.889 / 0.444, 0.911 / 0.735 / 0.271, 0.893 / 0.422 / 0.234, 0.902 / 0.628 /
+    0.154). ``c^(1/4)`` and 1 (merge wherever the cosine is positive) fall between or below (VGG prune 0.5
+    0.605 / 0.520, ResNet-20 prune 0.3 0.709 / 0.685); ``c^2`` was below ``c``.
+
     Returns:
         S (N, |K|) and t (N,), new arrays; the pruned channels whose rows were blended (ascending).
     """
@@ -207,7 +215,7 @@ def blend_with_merge(s, t, w_hat, b_hat, kept, threshold: float = 0.0) -> tuple[
     t = np.array(t, dtype=np.float64)
     pruned, partner, cosine, scale = merge_partners(w_hat, b_hat, kept)
     ok = cosine > threshold
-    rows, weight = pruned[ok], cosine[ok]
+    rows, weight = pruned[ok], np.sqrt(cosine[ok])
     s[rows] *= (1.0 - weight)[:, None]
     s[rows, partner[ok]] += weight * scale[ok]
     t[rows] *= 1.0 - weight

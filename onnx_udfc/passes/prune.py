@@ -177,7 +177,7 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
         if blended.size:
             ctx.layer(chain.producer).setdefault("notes", []).append(
                 f"no BN prior: {blended.size} of {n - kept.size} removed channels shrunk toward their Neuron "
-                "Merging partner (weight = filter cosine)")
+                "Merging partner (weight = square root of the filter cosine)")
     return s, t
 
 

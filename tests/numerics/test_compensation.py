@@ -161,11 +161,12 @@ def test_blend_with_merge_weights_rows_by_partner_cosine():
     assert t[6] == t_ls[6]
     np.testing.assert_array_equal(s[kept], np.eye(kept.size))
     c4 = cosine[0]
-    assert 0.45 < c4 < 1.0  # the random channel: in between, weighted by its cosine
-    np.testing.assert_allclose(s[4], (1 - c4) * s_ls[4] + c4 * s_merge[4], atol=1e-12)
-    assert t[4] == pytest.approx((1 - c4) * t_ls[4])
+    assert 0.45 < c4 < 1.0  # the random channel: in between, weighted by the square root of its cosine
+    a4 = np.sqrt(c4)
+    np.testing.assert_allclose(s[4], (1 - a4) * s_ls[4] + a4 * s_merge[4], atol=1e-12)
+    assert t[4] == pytest.approx((1 - a4) * t_ls[4])
     assert not np.shares_memory(s, s_ls)
-    # default threshold 0: every partner with a positive cosine counts, by its cosine (6 has cosine ~0)
+    # default threshold 0: every partner with a positive cosine counts (6 has cosine ~0)
     s0, t0, blended0 = blend_with_merge(s_ls, t_ls, w, b, kept)
     np.testing.assert_allclose(s0[:6], s[:6], atol=1e-12)
     np.testing.assert_allclose(s0[6], s_ls[6], atol=1e-12)
@@ -176,7 +177,8 @@ def test_blend_with_merge_weights_rows_by_partner_cosine():
     s0, t0, blended0 = blend_with_merge(s_ls, t_ls, w, b, kept)
     assert 6 in blended0.tolist()
     s_merge6, _ = neuron_merging(w, b, kept, threshold=0.0)
-    np.testing.assert_allclose(s0[6], (1 - c6) * s_ls[6] + c6 * s_merge6[6], atol=1e-12)
+    a6 = np.sqrt(c6)
+    np.testing.assert_allclose(s0[6], (1 - a6) * s_ls[6] + a6 * s_merge6[6], atol=1e-12)
 
 
 def test_apply_compensation_brute_force():
