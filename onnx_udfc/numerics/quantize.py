@@ -227,39 +227,44 @@ def _keep_better(err, idx, best_err, best_idx):
 def _clip_error(w2, lo, hi, tw, alpha, spec: QuantSpec, buf, rows=None) -> np.ndarray:
     """``sum_d tw[d] (w - Q(w))^2`` per channel for the grid of ``(alpha lo, alpha hi)``; alpha scalar or (N,).
 
-    ``w2``, ``buf``: (N, D) float32, ``tw`` (D,) float32. The squared errors are made in row blocks of
-    ``SEARCH_BLOCK`` elements (all passes in cache), the weighted sum is one matrix-vector product over
-    the whole buffer (the same call, so the same sums, whatever the blocks). ``rows``: only these
-    channels are wanted (sorted indices; None: all); the other rows of ``buf`` keep stale values and
-    their results are meaningless.
+    ``w2``, ``buf``: (N, D) float32, ``tw`` (D,) float32. The squared errors are made in units of each
+    channel's step (`_squared_step_errors`) in row blocks of ``SEARCH_BLOCK`` elements (all passes in
+    cache); the weighted sum is one matrix-vector product over the whole buffer (the same call, so the
+    same sums, whatever the blocks), times the squared step. ``rows``: only these channels are wanted
+    (sorted indices; None: all); the other rows of ``buf`` keep stale values and their results are
+    meaningless.
     """
     qmin, qmax = _levels(spec.bits, spec.symmetric)
     scale, zp = quantization_grid(alpha * lo, alpha * hi, spec.bits, spec.symmetric)
-    s_col, z_col = scale[:, None].astype(w2.dtype), zp[:, None].astype(w2.dtype)
+    inv_col, z_col = (1.0 / scale)[:, None].astype(w2.dtype), zp[:, None].astype(w2.dtype)
     n, d = w2.shape
     with _row_broadcast_buffers(d):
         if rows is None:
-            for blk in _row_blocks(n, d, SEARCH_BLOCK):
-                _squared_errors(w2[blk], s_col[blk], z_col[blk], qmin, qmax, buf[blk])
+            blocks = _row_blocks(n, d, SEARCH_BLOCK)
+            levels = np.empty_like(w2[blocks[0]])
+            for blk in blocks:
+                _squared_step_errors(w2[blk], inv_col[blk], z_col[blk], qmin, qmax, buf[blk], levels)
         else:
             for blk in _row_blocks(rows.size, d, SEARCH_BLOCK):
                 sel = rows[blk]
                 w_sel = np.take(w2, sel, axis=0)
                 b = np.empty_like(w_sel)
-                _squared_errors(w_sel, s_col[sel], z_col[sel], qmin, qmax, b)
+                _squared_step_errors(w_sel, inv_col[sel], z_col[sel], qmin, qmax, b, np.empty_like(w_sel))
                 buf[sel] = b
-    return buf @ tw
+    return (buf @ tw) * np.square(scale)
 
 
-def _squared_errors(w, s, z, qmin, qmax, out) -> None:
-    """``out = (w - (clip(rint(w / s + z), qmin, qmax) - z) * s) ** 2``: w, out (m, D) float32, s, z (m, 1)."""
-    np.divide(w, s, out=out)
+def _squared_step_errors(w, inv, z, qmin, qmax, out, levels) -> None:
+    """``out = (u - clip(rint(u), qmin, qmax)) ** 2`` with ``u = w / s + z``: the squared rounding error in
+    steps (the error is ``s`` times it). w, out (m, D) float32, inv = 1 / s and z (m, 1); ``levels``: a
+    scratch of at least m rows. Six passes (division as a product by the reciprocal: ranks candidates
+    only)."""
+    q = levels[:w.shape[0]]
+    np.multiply(w, inv, out=out)
     out += z
-    np.rint(out, out=out)
-    np.clip(out, qmin, qmax, out=out)
-    out -= z
-    out *= s
-    np.subtract(w, out, out=out)
+    np.rint(out, out=q)
+    np.clip(q, qmin, qmax, out=q)
+    out -= q
     np.square(out, out=out)
 
 
