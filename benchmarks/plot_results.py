@@ -174,7 +174,8 @@ HEADLINE_IMAGENET_MODELS = ("mobilenetv2_bn", "efficientnet_lite0_bn")
 #: result files of the Fashion-MNIST headline, the ones the README's table cites, later ones winning a cell
 #: (file names do not sort by date: fmnist_samples64_methods.json holds the folded rows before the merge blend)
 HEADLINE_FMNIST_SOURCES = ("fmnist_samples64_methods.json", "fmnist_merge_blend.json", "fmnist_hourglass.json",
-                           "fmnist_grid_folded_pooled.json", "fmnist_grid_folded_current.json")
+                           "fmnist_grid_folded_pooled.json", "fmnist_grid_folded_current.json",
+                           "fmnist_grid_folded_sqrt.json")
 #: the same for the ImageNet panel (quantization rows, then pruning rows with 64 synthetic images)
 HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json")
 
