@@ -107,8 +107,9 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         record["bias_correction"] = True
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
-    var_in = moments[1] if moments is not None else np.ones(c * layer.group)
-    ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
+    if ctx.options.prune > 0:  # read only by the compensation of pruned chains (errors in variables)
+        var_in = moments[1] if moments is not None else np.ones(c * layer.group)
+        ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
     write_layer(graph, layer, wq, bias)
     record["bits"] = bits
 
