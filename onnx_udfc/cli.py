@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, metavar="N",
                    help="synthetic images pushed through the model for synthetic / combined statistics (default 64)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="pink",
-                   help="synthetic images for the statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
+                   help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
                         "with random exponent, contrast and brightness per image; better on small models exported "
                         "with BN folded, worse on folded ImageNet models) (default pink)")
     p.add_argument("--no-merge-blend", action="store_true",

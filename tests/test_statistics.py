@@ -323,3 +323,59 @@ def test_chains_through_a_global_pool_are_priced_on_the_pooled_vectors():
     combined = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="combined").stats
     chain = next(c for c in combined._by_output.values() if c.consumer.op_type == "Gemm")
     assert combined.selection_statistics(chain) is combined.chain_statistics(chain)
+
+
+def test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs():
+    """BN folded, no pruning, 5 bits or fewer: every linear layer's input mean and covariance come from
+    synthetic image-prior samples pushed through the model (the same moments onnxruntime gives on those
+    images); covariances only where error feedback reads them; other runs keep the analytic model."""
+    from onnx_udfc.stats.layer_inputs import InputStatistics
+    from onnx_udfc.stats.sampled import image_prior_batches
+
+    from builders import fold_all_batchnorm
+
+    folded = fold_all_batchnorm(plain_chain(seed=5))
+    ctx = prepared(onnx.load_from_string(folded.SerializeToString()), bits=4, samples=16)
+    stats = ctx.stats
+    assert isinstance(stats, InputStatistics) and "quantizer input" in stats.source
+    convs = [n for n in ctx.graph.topological_nodes() if n.op_type in ("Conv", "Gemm")]
+    assert stats.measured == len({n.input[0] for n in convs})
+    x = np.concatenate(list(image_prior_batches((16, 3, 16, 16), seed=0, batch=2)))
+    probe = batch_statistics_probe(folded, [n.input[0] for n in convs], {}, batch_norm="running")
+    outs = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    for node, a in zip(convs, outs):
+        a = np.moveaxis(a, 1, -1).reshape(-1, a.shape[1]).astype(np.float64)
+        mean, var = stats.input_moments(node)
+        np.testing.assert_allclose(mean, a.mean(0), rtol=1e-4, atol=1e-5 * np.abs(a).max())
+        np.testing.assert_allclose(var, a.var(0), rtol=1e-3, atol=1e-5 * a.var(0).max())
+        grouped = int(next((at.i for at in node.attribute if at.name == "group"), 1)) > 1
+        if node is not convs[0] and node is not convs[-1] and not grouped:  # first and last stay at 8 bits
+            np.testing.assert_allclose(stats.input_covariance(node), np.cov(a, rowvar=False, bias=True),
+                                       rtol=1e-3, atol=1e-5 * a.var(0).max())
+    # covariances only where error feedback reads them: the first and last layers stay at 8 bits
+    assert stats._inputs[convs[0].input[0]][1].ndim == 1 and stats._inputs[convs[1].input[0]][1].ndim == 2
+    for options in (dict(bits=6), dict(bits=4, prune=0.3), dict(bits=4, statistics="analytic")):
+        other = prepared(onnx.load_from_string(folded.SerializeToString()), **options).stats
+        assert not isinstance(other, InputStatistics)
+    kept = prepared(onnx.load_from_string(plain_chain(seed=5).SerializeToString()), bits=4).stats
+    assert not isinstance(kept, InputStatistics)  # BN kept: the BN prior
+
+
+def test_gram_sums_with_unknown_positions_count_them_in_onnxruntime():
+    """Where shape inference stops (TF-style pads) only the channels are known: all positions are summed and
+    onnxruntime reports how many, giving the moments of the whole feature maps."""
+    from onnx_udfc.stats.sampled import measure_channel_moments
+
+    model = plain_chain(seed=8)
+    shapes = infer_static_shapes(model, {"input": (1, 3, 16, 16)})
+    names = [n.output[0] for n in model.graph.node if n.op_type == "Relu"]
+    unknown = {n: (None, shapes[n][1], None) for n in names}
+    batches = [pink_noise((2, 3, 16, 16), seed=s) for s in (0, 1)]
+    counted = measure_channel_moments(model, names, shapes, unknown, iter(batches), "input", batch_norm="running")
+    whole = measure_channel_moments(model, names, shapes, {}, iter(batches), "input", batch_norm="running")
+    variances = measure_channel_moments(model, names, shapes, unknown, iter(batches), "input", batch_norm="running",
+                                        diagonal=names)
+    for name in names:
+        np.testing.assert_allclose(counted[name][0], whole[name][0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(counted[name][1], whole[name][1], rtol=1e-3, atol=1e-6)
+        np.testing.assert_allclose(variances[name][1], np.diag(whole[name][1]), rtol=1e-3, atol=1e-6)

@@ -18,12 +18,13 @@ from ..ir.shapes import graph_view, infer_static_shapes, refresh_value_info
 from ..ir.graph import attr
 from ..patterns.chains import ChainFinder, is_depthwise
 from ..patterns.groups import coupled_groups
+from ..stats.layer_inputs import InputStatistics
 from ..stats.model import AnalyticStatistics
 from ..stats.sampled import CombinedStatistics, SampledStatistics
 from .allocate import plan_global_allocation
 from .base import Pass, PassContext, PassResult
 from .prune import prune_chain
-from .quantize import quantize_layer
+from .quantize import ERROR_FEEDBACK_MAX_BITS, quantize_layer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class StatisticsPass(Pass):
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
                                 original_shapes=ctx.original_shapes, synthetic=inputs)
+        elif kind == "synthetic" and _measures_quantizer_inputs(ctx) and _single_image_input(ctx):
+            # no BN priors, no pruning, error-feedback bit widths: the quantizer's input moments are measured
+            layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
+            layers = [layer for layer in layers if layer is not None]
+            ctx.stats = InputStatistics(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model,
+                                        {layer.node.input[0]: layer.rows.shape[1] * layer.group for layer in layers},
+                                        ctx.input_shapes,
+                                        covariance=_error_feedback_inputs(ctx, [layer.node for layer in layers]),
+                                        samples=ctx.options.samples, seed=ctx.options.seed,
+                                        original_shapes=ctx.original_shapes)
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
@@ -75,6 +86,24 @@ def _mostly_bn_priors(ctx: PassContext) -> bool:
         return True
     with_prior = sum(1 for c in ctx.chains if c.producer.output[0] in ctx.priors)
     return 2 * with_prior >= len(ctx.chains)
+
+
+def _measures_quantizer_inputs(ctx: PassContext) -> bool:
+    """Quantization only, at `ERROR_FEEDBACK_MAX_BITS` or fewer: where the input moments decide most (see
+    `stats.layer_inputs`). At 6 bits the measured moments were no better on the folded ImageNet exports
+    (MobileNetV2 top-1 / agreement 0.832 / 0.962 analytic, 0.820 / 0.952 measured; KL 0.019 -> 0.013) and
+    the probe would cost more than the rest of the run."""
+    options = ctx.options
+    return options.prune == 0 and options.quantize and options.bits <= ERROR_FEEDBACK_MAX_BITS
+
+
+def _error_feedback_inputs(ctx: PassContext, layers) -> Set[str]:
+    """Inputs of the layers the quantizer may round with error feedback (it reads their channel covariance):
+    ungrouped Conv / Gemm / MatMul at `ERROR_FEEDBACK_MAX_BITS` or fewer."""
+    boundary = boundary_layers(ctx.graph)
+    return {n.input[0] for n in layers
+            if n.op_type != "ConvTranspose" and int(attr(n, "group", 1)) == 1
+            and ctx.options.bits_for(id(n) in boundary) <= ERROR_FEEDBACK_MAX_BITS}
 
 
 def _single_image_input(ctx: PassContext) -> bool:

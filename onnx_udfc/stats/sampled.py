@@ -246,10 +246,14 @@ def _batch_normalisation(node: onnx.NodeProto, p: str, rank: int, opset: int):
     return nodes, inits
 
 
-def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tuple]) -> Dict[str, Optional[tuple]]:
+def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tuple],
+                 diagonal: Iterable[str] = ()) -> Dict[str, Optional[tuple]]:
     """Make `probe` output, for each tensor in `names`, its per-channel sums over the probed positions
     instead of the feature map (in place). Returns name -> (sum output, Gram output, positions kept per image),
-    or None where the shape is unknown (that tensor stays an output as it is).
+    or None where the shape is unknown (that tensor stays an output as it is); where only the channels are
+    known (spatial dims None) every position is summed and the third item names an output holding the
+    flattened tensor's shape (B, C, P). For the tensors in `diagonal`
+    the second output is the Gram matrix's diagonal only, the per-channel sums of squares (C,).
 
     With ``X`` (B, C, P) the tensor's positions (every `position_step(P)`-th, as `_Accumulator.add`
     takes them) laid out as ``Y`` (C, B * P): ``sum = Y 1`` (C,) and ``gram = Y Y^T`` (C, C), both float32
@@ -262,25 +266,42 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
     opset = next((i.version for i in probe.opset_import if i.domain in ("", "ai.onnx")), 13)
     del g.output[:]
     plan: Dict[str, Optional[tuple]] = {}
+    diagonal = set(diagonal)
     for index, name in enumerate(names):
         shape = shapes.get(name)
         if shape is None or len(shape) < 2 or opset < 13:
             g.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
             plan[name] = None
             continue
-        positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-        step = position_step(positions)
         p = f"udfc_gram{index}_"
         channels = int(shape[1])
         inits = {p + "shape": np.array([0, channels, -1], np.int64), p + "rows": np.array([channels, -1], np.int64),
                  p + "axes1": np.array([1], np.int64)}
         nodes = [helper.make_node("Reshape", [name, p + "shape"], [p + "flat"])]
         flat = p + "flat"
+        if not all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[2:]):
+            # positions unknown (channels known): every position, counted by onnxruntime (B, C, P)
+            nodes.append(helper.make_node("Shape", [flat], [p + "dims"]))
+            g.output.append(helper.make_tensor_value_info(p + "dims", onnx.TensorProto.INT64, None))
+            positions, step = None, 1
+        else:
+            positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+            step = position_step(positions)
         if step > 1:
             inits.update({p + "start": np.array([0], np.int64), p + "end": np.array([positions], np.int64),
                           p + "axis": np.array([2], np.int64), p + "step": np.array([step], np.int64)})
             nodes.append(helper.make_node("Slice", [flat, p + "start", p + "end", p + "axis", p + "step"], [p + "sub"]))
             flat = p + "sub"
+        if name in diagonal:  # sums and sums of squares over batch and positions, (C,) each
+            inits[p + "axes02"] = np.array([0, 2], np.int64)
+            nodes += [helper.make_node("Mul", [flat, flat], [p + "sq"]),
+                      helper.make_node("ReduceSum", [p + "sq", p + "axes02"], [p + "gram"], keepdims=0),
+                      helper.make_node("ReduceSum", [flat, p + "axes02"], [p + "sum"], keepdims=0)]
+            g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+            g.node.extend(nodes)
+            g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
+            plan[name] = (p + "sum", p + "gram", p + "dims" if positions is None else len(range(0, positions, step)))
+            continue
         nodes += [helper.make_node("Transpose", [flat], [p + "cbp"], perm=[1, 0, 2]),  # (C, B, P)
                   helper.make_node("Reshape", [p + "cbp", p + "rows"], [p + "y"]),  # Y (C, B * P)
                   helper.make_node("Transpose", [p + "y"], [p + "yt"], perm=[1, 0]),
@@ -289,7 +310,7 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
         g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
         g.node.extend(nodes)
         g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
-        plan[name] = (p + "sum", p + "gram", len(range(0, positions, step)))
+        plan[name] = (p + "sum", p + "gram", p + "dims" if positions is None else len(range(0, positions, step)))
     return plan
 
 
@@ -316,7 +337,8 @@ class _Accumulator:
         self.outer += a.T @ a
 
     def add_sums(self, total: np.ndarray, gram: np.ndarray, rows: int) -> None:
-        """Sums computed elsewhere (`gram_outputs`): total (C,), gram (C, C) over `rows` rows."""
+        """Sums computed elsewhere (`gram_outputs`): total (C,), gram (C, C) (or its diagonal (C,)) over `rows`
+        rows."""
         if self.total is None:
             self.total, self.outer = np.zeros(total.shape[0]), np.zeros(gram.shape)
         self.n += int(rows)
@@ -324,8 +346,12 @@ class _Accumulator:
         self.outer += gram
 
     def result(self) -> Moments:
+        """(mean (C,), covariance (C, C)), or (mean, variance (C,)) when only the diagonal was summed."""
         mean = self.total / self.n
-        cov = self.outer / self.n
+        if self.outer.ndim == 1:
+            return mean, np.maximum(self.outer / self.n - mean ** 2, 0.0)
+        cov, self.outer = self.outer, None  # made in the sums' memory: the accumulator is done with
+        cov /= self.n
         cov -= np.outer(mean, mean)
         cov += cov.T  # numpy buffers the overlapping transpose
         cov *= 0.5
@@ -350,8 +376,10 @@ def probed_shape(chain: Chain, shapes: Dict[str, tuple]) -> Optional[tuple]:
 
 def measure_channel_moments(model: Union[onnx.ModelProto, List[onnx.ModelProto]], names: List[str], shapes: Dict[str, tuple],
                             gram_shapes: Dict[str, tuple], batches: Iterable[np.ndarray], input_name: str,
-                            batch_norm: str = "batch", model_owned: bool = False) -> Dict[str, Moments]:
-    """Mean (C,) and covariance (C, C) of the channels of each tensor in `names`, over the images of `batches`
+                            batch_norm: str = "batch", model_owned: bool = False,
+                            diagonal: Iterable[str] = ()) -> Dict[str, Moments]:
+    """Mean (C,) and covariance (C, C) of the channels of each tensor in `names` (for those in `diagonal` with a
+    known shape: the variances (C,) only), over the images of `batches`
     (each (b, C, H, W), one onnxruntime run) pushed through `model` (`batch_statistics_probe` with
     `batch_norm`, every probed tensor reduced to its sums and Gram matrix by `gram_outputs` where
     `gram_shapes` knows its shape). `shapes`: the model's static shapes (ranks of the BN inputs).
@@ -365,8 +393,8 @@ def measure_channel_moments(model: Union[onnx.ModelProto, List[onnx.ModelProto]]
         model = model.pop()
     probe = batch_statistics_probe(model, names, shapes, batch_norm=batch_norm, copy=not model_owned)
     del model
-    plan = gram_outputs(probe, names, gram_shapes)
-    fetch = [o for n in names for o in (plan[n][:2] if plan[n] else (n,))]
+    plan = gram_outputs(probe, names, gram_shapes, diagonal)
+    fetch = [o for n in names for o in (tuple(x for x in plan[n] if isinstance(x, str)) if plan[n] else (n,))]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = probe_threads()
     opts.log_severity_level = 3
@@ -387,7 +415,8 @@ def measure_channel_moments(model: Union[onnx.ModelProto, List[onnx.ModelProto]]
                 accumulators[name].add(values[name])
             else:
                 total, gram, kept = plan[name]
-                accumulators[name].add_sums(values[total], values[gram], len(batch_inputs) * kept)
+                rows = int(values[kept][0] * values[kept][2]) if isinstance(kept, str) else len(batch_inputs) * kept
+                accumulators[name].add_sums(values[total], values[gram], rows)
     return {n: acc.result() for n, acc in accumulators.items()}
 
 
