@@ -32,14 +32,17 @@ from .sampled import measure_channel_moments, synthetic_batches
 #: (folded MobileNetV2 W4, whole process: 8 images per run 625 MB, 4 478 MB, 2 306 MB). Without BN layers
 #: (batch statistics) the images of a run do not interact, so the size changes nothing but memory.
 RUN_BATCH = 2
+#: most input pixels pushed through the model (64 ImageNet-sized images): larger inputs get fewer images, each
+#: with more positions (PP-OCRv4's 640 x 640 detector: 7 images instead of 64, W4 probe 12 s -> about 2 s)
+PIXEL_BUDGET = 64 * 224 * 224
 
 log = logging.getLogger(__name__)
 
 
 class InputStatistics(AnalyticStatistics):
     """Analytic statistics, except at `tensors` (the inputs of the layers to quantize, with the channels each
-    layer reads): there the mean (C,)
-    and covariance (C, C) measured on `samples` seeded synthetic images (`synthetic` kind) pushed through
+    layer reads): there the mean (C,) and covariance (C, C) measured on `samples` seeded synthetic images
+    (`synthetic` kind; fewer for inputs larger than 224 x 224, see `PIXEL_BUDGET`) pushed through
     `original` (the input model; a function returning (model, owned) as for `SampledStatistics`). Tensors not
     in `covariance` (inputs of grouped convs and of layers rounded without error feedback) get their
     variances only (a sum of squares per channel in onnxruntime instead of a Gram matrix).
@@ -75,6 +78,8 @@ class InputStatistics(AnalyticStatistics):
             return
         input_name = next(iter(input_shapes))
         run_batch = with_batch(original, input_shapes, min(batch, samples))[input_name][0]
+        pixels = int(np.prod(input_shapes[input_name][2:]))
+        samples = min(samples, max(1, PIXEL_BUDGET // max(pixels, 1)))
         samples = max(run_batch, samples - samples % run_batch)
         image = (samples,) + tuple(input_shapes[input_name][1:])
         batches = synthetic_batches(image, seed=seed, kind=synthetic, batch=run_batch)
