@@ -67,18 +67,19 @@ def linear_moments(w: np.ndarray, b: Optional[np.ndarray], mean_in: np.ndarray, 
 
     mean_in, var_in: (C,) per input channel. Returns (mean (N,), var (N,)).
     """
-    w = np.asarray(w, dtype=np.float64)
+    w = np.asarray(w)
     n = w.shape[0]
     if w.ndim == 2:
         w = w[:, :, None, None]
     cg = w.shape[1]
     kh, kw = w.shape[2], w.shape[3]
-    taps = w.reshape(n, cg, kh * kw)
-    if kh * kw == 1:
-        quad = np.square(taps[:, :, 0])
+    if kh * kw == 1:  # float32 weights: their float64 squares are exact, no float64 copy of the weight first
+        sums = w.reshape(n, cg).astype(np.float64)  # (N, C/g)
+        quad = np.square(sums)
     else:  # quad[n, c] = taps[n, c] . R taps[n, c]
+        taps = w.reshape(n, cg, kh * kw).astype(np.float64)
         quad = np.einsum("nct,nct->nc", taps @ spatial_correlation(kh, kw, rho), taps)
-    sums = taps.sum(axis=2)  # (N, C/g)
+        sums = taps.sum(axis=2)  # (N, C/g)
     if group == 1:
         mean, var = sums @ mean_in, quad @ var_in
     else:
