@@ -25,8 +25,7 @@ from ._error_feedback import MAX_COLUMNS, error_feedback_levels
 from ._rounding import _balance, _row_broadcast_buffers
 
 __all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "uses_error_feedback", "bias_correction", "bias_shift",
-           "SCALE_FLOOR",
-           "MAX_COLUMNS", "ROUNDINGS"]
+           "SCALE_FLOOR", "MAX_COLUMNS", "ROUNDINGS"]
 
 log = logging.getLogger(__name__)
 

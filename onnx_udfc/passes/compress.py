@@ -56,7 +56,8 @@ class StatisticsPass(Pass):
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
                                 original_shapes=ctx.original_shapes, synthetic=inputs)
-        elif kind == "synthetic" and _measures_quantizer_inputs(ctx) and _single_image_input(ctx):
+        elif (kind == "synthetic" and not _mostly_bn_priors(ctx) and _measures_quantizer_inputs(ctx)
+              and _single_image_input(ctx)):
             # no BN priors, no pruning, error-feedback bit widths: the quantizer's input moments are measured
             layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
             layers = [layer for layer in layers if layer is not None]

@@ -97,9 +97,10 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
                              tap_correlation=tap_correlation)
     bias = layer.bias
     coverage = ctx.tap_coverage(node, rows.shape[2:]) if node.op_type == "ConvTranspose" else None
-    dw = np.subtract(rows, wq, dtype=np.float64)  # exact: both float32
+    dw = None  # the weight change, float64 (exact: both float32), made once for its two readers
     if ctx.options.bias_correction and moments is not None:
         if coverage is None:
+            dw = np.subtract(rows, wq, dtype=np.float64)
             delta = bias_shift(dw, moments[0], group=layer.group)
         else:
             delta = bias_correction(rows * coverage, wq * coverage, moments[0], group=layer.group)
@@ -108,6 +109,8 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
     if ctx.options.prune > 0:  # read only by the compensation of pruned chains (errors in variables)
+        if dw is None:
+            dw = np.subtract(rows, wq, dtype=np.float64)
         var_in = moments[1] if moments is not None else np.ones(c * layer.group)
         ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
     write_layer(graph, layer, wq, bias)

@@ -47,8 +47,9 @@ class InputStatistics(AnalyticStatistics):
     in `covariance` (inputs of grouped convs and of layers rounded without error feedback) get their
     variances only (a sum of squares per channel in onnxruntime instead of a Gram matrix).
 
-    Only tensors that exist in the input model, with a known shape and at most `MAX_COVARIANCE_CHANNELS`
-    channels, are measured; the others keep the analytic moments.
+    Only tensors that exist in the input model, whose channels (from shape inference where it reached them)
+    are those the layer reads and number at most `MAX_COVARIANCE_CHANNELS`, are measured; where inference
+    did not reach a tensor every position is summed. The others keep the analytic moments.
     """
 
     def __init__(self, graph: Graph, shapes: Dict[str, tuple], priors: Dict[str, tuple],
