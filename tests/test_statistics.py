@@ -325,19 +325,26 @@ def test_chains_through_a_global_pool_are_priced_on_the_pooled_vectors():
     assert combined.selection_statistics(chain) is combined.chain_statistics(chain)
 
 
-def test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs():
-    """BN folded, no pruning, 5 bits or fewer: every linear layer's input mean and covariance come from
-    synthetic image-prior samples pushed through the model (the same moments onnxruntime gives on those
-    images); covariances only where error feedback reads them; other runs keep the analytic model."""
-    from onnx_udfc.stats.layer_inputs import InputStatistics
-    from onnx_udfc.stats.sampled import image_prior_batches
+def test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs(monkeypatch):
+    """BN folded, 5 bits or fewer: every linear layer's input mean and covariance come from synthetic
+    image-prior samples pushed through the model (the same moments onnxruntime gives on those images);
+    covariances only where error feedback reads them; pruning runs keep their chain statistics and restrict
+    the measured inputs to the kept channels; 6 bits, `analytic`, BN-kept and shallow models do not measure."""
+    import onnx_udfc.passes.compress as compress_pass
+    from onnx_udfc.stats.layer_inputs import MIN_LAYERS, MeasuredInputs
+    from onnx_udfc.stats.model import AnalyticStatistics
+    from onnx_udfc.stats.sampled import SampledStatistics, image_prior_batches
 
     from builders import fold_all_batchnorm
 
     folded = fold_all_batchnorm(plain_chain(seed=5))
+    assert MIN_LAYERS > 4  # this model's four layers are too few by default
+    assert not isinstance(prepared(onnx.load_from_string(folded.SerializeToString()), bits=4).stats, MeasuredInputs)
+    monkeypatch.setattr(compress_pass, "MIN_LAYERS", 4)
     ctx = prepared(onnx.load_from_string(folded.SerializeToString()), bits=4, samples=16)
     stats = ctx.stats
-    assert isinstance(stats, InputStatistics) and "quantizer input" in stats.source
+    assert isinstance(stats, MeasuredInputs) and "quantizer input" in stats.source
+    assert type(stats.base) is AnalyticStatistics
     convs = [n for n in ctx.graph.topological_nodes() if n.op_type in ("Conv", "Gemm")]
     assert stats.measured == len({n.input[0] for n in convs})
     x = np.concatenate(list(image_prior_batches((16, 3, 16, 16), seed=0, batch=2)))
@@ -354,11 +361,24 @@ def test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs(
                                        rtol=1e-3, atol=1e-5 * a.var(0).max())
     # covariances only where error feedback reads them: the first and last layers stay at 8 bits
     assert stats._inputs[convs[0].input[0]][1].ndim == 1 and stats._inputs[convs[1].input[0]][1].ndim == 2
-    for options in (dict(bits=6), dict(bits=4, prune=0.3), dict(bits=4, statistics="analytic")):
+    pruning = prepared(onnx.load_from_string(folded.SerializeToString()), bits=4, prune=0.3, samples=16)
+    assert isinstance(pruning.stats, MeasuredInputs) and isinstance(pruning.stats.base, SampledStatistics)
+    chain = pruning.chains[0]
+    assert pruning.stats.chain_statistics(chain) is pruning.stats.base.chain_statistics(chain)
+    consumer_input = chain.consumer.input[0]
+    assert pruning.stats._inputs[consumer_input][1].ndim == 2
+    full_mean, full_var = pruning.stats.input_moments(chain.consumer)
+    kept = np.arange(0, chain.channels, 2)
+    pruning.stats.restrict(chain.path, kept)
+    mean, var = pruning.stats.tensor_moments(consumer_input)
+    np.testing.assert_array_equal(mean, full_mean[kept])
+    np.testing.assert_array_equal(var, full_var[kept])
+    assert pruning.stats.tensor_covariance(consumer_input).shape == (kept.size, kept.size)
+    for options in (dict(bits=6), dict(bits=6, prune=0.3), dict(bits=4, statistics="analytic")):
         other = prepared(onnx.load_from_string(folded.SerializeToString()), **options).stats
-        assert not isinstance(other, InputStatistics)
-    kept = prepared(onnx.load_from_string(plain_chain(seed=5).SerializeToString()), bits=4).stats
-    assert not isinstance(kept, InputStatistics)  # BN kept: the BN prior
+        assert not isinstance(other, MeasuredInputs)
+    bn_kept = prepared(onnx.load_from_string(plain_chain(seed=5).SerializeToString()), bits=4).stats
+    assert not isinstance(bn_kept, MeasuredInputs)  # BN kept: the BN prior
 
 
 def test_gram_sums_with_unknown_positions_count_them_in_onnxruntime():

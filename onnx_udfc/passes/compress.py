@@ -18,7 +18,7 @@ from ..ir.shapes import graph_view, infer_static_shapes, refresh_value_info
 from ..ir.graph import attr
 from ..patterns.chains import ChainFinder, is_depthwise
 from ..patterns.groups import coupled_groups
-from ..stats.layer_inputs import InputStatistics
+from ..stats.layer_inputs import MIN_LAYERS, MeasuredInputs, measure_layer_inputs
 from ..stats.model import AnalyticStatistics
 from ..stats.sampled import CombinedStatistics, SampledStatistics
 from .allocate import plan_global_allocation
@@ -56,21 +56,15 @@ class StatisticsPass(Pass):
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
                                 original_shapes=ctx.original_shapes, synthetic=inputs)
-        elif (kind == "synthetic" and not _mostly_bn_priors(ctx) and _measures_quantizer_inputs(ctx)
-              and _single_image_input(ctx)):
-            # no BN priors, no pruning, error-feedback bit widths: the quantizer's input moments are measured
-            layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
-            layers = [layer for layer in layers if layer is not None]
-            ctx.stats = InputStatistics(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model,
-                                        {layer.node.input[0]: layer.rows.shape[1] * layer.group for layer in layers},
-                                        ctx.input_shapes,
-                                        covariance=_error_feedback_inputs(ctx, [layer.node for layer in layers]),
-                                        samples=ctx.options.samples, seed=ctx.options.seed,
-                                        original_shapes=ctx.original_shapes)
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
             ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
+        if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _measures_quantizer_inputs(ctx)
+                and _single_image_input(ctx)):
+            # no BN priors, error-feedback bit widths: the quantizer's input moments are measured (a second
+            # probe on a pruning run: its chain statistics come from pink noise, these from the image prior)
+            _measure_quantizer_inputs(ctx)
         ctx.stats.register_chains(ctx.chains)
         unknown = dict(sorted(ctx.stats.unknown_ops.items()))
         return PassResult(False, {"source": ctx.stats.source, "ops_without_moments": unknown})
@@ -89,13 +83,27 @@ def _mostly_bn_priors(ctx: PassContext) -> bool:
     return 2 * with_prior >= len(ctx.chains)
 
 
+def _measure_quantizer_inputs(ctx: PassContext) -> None:
+    """Wrap `ctx.stats` in `MeasuredInputs` for models with at least `MIN_LAYERS` linear layers."""
+    layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
+    layers = [layer for layer in layers if layer is not None]
+    if len(layers) < MIN_LAYERS:
+        return
+    measured, samples = measure_layer_inputs(
+        ctx.input_model, {layer.node.input[0]: layer.rows.shape[1] * layer.group for layer in layers},
+        ctx.input_shapes, ctx.shapes, covariance=_error_feedback_inputs(ctx, [layer.node for layer in layers]),
+        samples=ctx.options.samples, seed=ctx.options.seed, original_shapes=ctx.original_shapes)
+    if measured:
+        ctx.stats = MeasuredInputs(ctx.stats, measured, samples, seed=ctx.options.seed)
+
+
 def _measures_quantizer_inputs(ctx: PassContext) -> bool:
-    """Quantization only, at `ERROR_FEEDBACK_MAX_BITS` or fewer: where the input moments decide most (see
+    """Quantization at `ERROR_FEEDBACK_MAX_BITS` or fewer: where the input moments decide most (see
     `stats.layer_inputs`). At 6 bits the measured moments were no better on the folded ImageNet exports
     (MobileNetV2 top-1 / agreement 0.832 / 0.962 analytic, 0.820 / 0.952 measured; KL 0.019 -> 0.013) and
-    the probe would cost more than the rest of the run."""
+    the probe would cost more than the rest of a quantization-only run."""
     options = ctx.options
-    return options.prune == 0 and options.quantize and options.bits <= ERROR_FEEDBACK_MAX_BITS
+    return options.quantize and options.bits <= ERROR_FEEDBACK_MAX_BITS
 
 
 def _error_feedback_inputs(ctx: PassContext, layers) -> Set[str]:
