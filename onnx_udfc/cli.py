@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--statistics", choices=STATISTICS, default="auto",
                    help="source of the channel covariances used by udfc/mean and the selection: analytic (BN prior), "
                         "synthetic (pink noise through the model), combined (their average), "
-                        "auto = combined if BN is kept, synthetic if folded; with BN folded, quantization alone at 5 "
-                        "bits or fewer measures every layer's input moments on synthetic images unless analytic "
+                        "auto = combined if BN is kept, synthetic if folded; with BN folded, quantization at 5 bits or "
+                        "fewer (10 or more layers) measures every layer's input moments on synthetic images "
+                        "unless analytic "
                         "(default auto)")
     p.add_argument("--samples", type=int, default=64, metavar="N",
                    help="synthetic images pushed through the model for synthetic / combined statistics (default 64)")

@@ -69,7 +69,7 @@ class Options:
         BN folded (udfc prune 0.3 + W6: VGG 0.753 -> 0.896, ResNet-20 0.770 -> 0.889) but worse on folded
         ImageNet exports at prune 0.1 (EfficientNet-Lite0 0.258 -> 0.002, MobileNetV2 0.574 -> 0.482), so it
         is not the default; see benchmarks/README.md. This choice is for the pruning statistics: the
-        quantizer's input moments of a BN-folded model quantized alone at 5 bits or fewer are always measured
+        quantizer's input moments of a BN-folded model quantized at 5 bits or fewer are always measured
         on `prior` images (`stats.layer_inputs`, better than pink there on both folded ImageNet exports).
     """
 
