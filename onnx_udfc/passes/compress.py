@@ -60,7 +60,7 @@ class StatisticsPass(Pass):
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
             ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
-        if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _measures_quantizer_inputs(ctx)
+        if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _low_bit_quantization(ctx)
                 and _single_image_input(ctx)):
             # no BN priors, error-feedback bit widths: the quantizer's input moments are measured (a second
             # probe on a pruning run: its chain statistics come from pink noise, these from the image prior)
@@ -97,7 +97,7 @@ def _measure_quantizer_inputs(ctx: PassContext) -> None:
         ctx.stats = MeasuredInputs(ctx.stats, measured, samples, seed=ctx.options.seed)
 
 
-def _measures_quantizer_inputs(ctx: PassContext) -> bool:
+def _low_bit_quantization(ctx: PassContext) -> bool:
     """Quantization at `ERROR_FEEDBACK_MAX_BITS` or fewer: where the input moments decide most (see
     `stats.layer_inputs`). At 6 bits the measured moments were no better on the folded ImageNet exports
     (MobileNetV2 top-1 / agreement 0.832 / 0.962 analytic, 0.820 / 0.952 measured; KL 0.019 -> 0.013) and

@@ -252,8 +252,8 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
     instead of the feature map (in place). Returns name -> (sum output, Gram output, positions kept per image),
     or None where the shape is unknown (that tensor stays an output as it is); where only the channels are
     known (spatial dims None) every position is summed and the third item names an output holding the
-    flattened tensor's shape (B, C, P). For the tensors in `diagonal`
-    the second output is the Gram matrix's diagonal only, the per-channel sums of squares (C,).
+    flattened tensor's shape (B, C, P). For the tensors in `diagonal` the second output is the Gram matrix's
+    diagonal only, the per-channel sums of squares (C,).
 
     With ``X`` (B, C, P) the tensor's positions (every `position_step(P)`-th, as `_Accumulator.add`
     takes them) laid out as ``Y`` (C, B * P): ``sum = Y 1`` (C,) and ``gram = Y Y^T`` (C, C), both float32
@@ -297,16 +297,12 @@ def gram_outputs(probe: onnx.ModelProto, names: List[str], shapes: Dict[str, tup
             nodes += [helper.make_node("Mul", [flat, flat], [p + "sq"]),
                       helper.make_node("ReduceSum", [p + "sq", p + "axes02"], [p + "gram"], keepdims=0),
                       helper.make_node("ReduceSum", [flat, p + "axes02"], [p + "sum"], keepdims=0)]
-            g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
-            g.node.extend(nodes)
-            g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
-            plan[name] = (p + "sum", p + "gram", p + "dims" if positions is None else len(range(0, positions, step)))
-            continue
-        nodes += [helper.make_node("Transpose", [flat], [p + "cbp"], perm=[1, 0, 2]),  # (C, B, P)
-                  helper.make_node("Reshape", [p + "cbp", p + "rows"], [p + "y"]),  # Y (C, B * P)
-                  helper.make_node("Transpose", [p + "y"], [p + "yt"], perm=[1, 0]),
-                  helper.make_node("MatMul", [p + "y", p + "yt"], [p + "gram"]),
-                  helper.make_node("ReduceSum", [p + "y", p + "axes1"], [p + "sum"], keepdims=0)]
+        else:
+            nodes += [helper.make_node("Transpose", [flat], [p + "cbp"], perm=[1, 0, 2]),  # (C, B, P)
+                      helper.make_node("Reshape", [p + "cbp", p + "rows"], [p + "y"]),  # Y (C, B * P)
+                      helper.make_node("Transpose", [p + "y"], [p + "yt"], perm=[1, 0]),
+                      helper.make_node("MatMul", [p + "y", p + "yt"], [p + "gram"]),
+                      helper.make_node("ReduceSum", [p + "y", p + "axes1"], [p + "sum"], keepdims=0)]
         g.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
         g.node.extend(nodes)
         g.output.extend(helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in (p + "sum", p + "gram"))
