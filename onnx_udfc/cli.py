@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless analytic "
                         "(default auto)")
     p.add_argument("--samples", type=int, default=64, metavar="N",
-                   help="synthetic images pushed through the model for synthetic / combined statistics (default 64)")
+                   help="synthetic images pushed through the model for synthetic / combined statistics and the "
+                        "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="pink",
                    help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
                         "with random exponent, contrast and brightness per image; better on small models exported "

@@ -58,7 +58,8 @@ class Options:
         (`samples` seeded synthetic images, see synthetic_inputs, pushed through the model, BNs on batch statistics), `combined`
         (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN
         was folded at export; analytic for models without one 4-D image input).
-    samples: synthetic images pushed through the model (pruning only). 64: the sampled half of the statistics
+    samples: synthetic images pushed through the model (pruning, and the quantizer-input probe of BN-folded
+        models at 5 bits or fewer, where inputs above 224 x 224 get fewer). 64: the sampled half of the statistics
         is noisy where feature maps are small (7 x 7 positions per image on MobileNetV2's widest chains);
         ImageNet sample, udfc prune 0.1 / 0.3 / 0.5 + W8 top-1 with 32 -> 64: MobileNetV2 0.786 / 0.610 /
         0.202 -> 0.804 / 0.636 / 0.224, EfficientNet-Lite0 0.844 / 0.560 / 0.162 -> 0.846 / 0.584 / 0.180
