@@ -399,3 +399,30 @@ def test_gram_sums_with_unknown_positions_count_them_in_onnxruntime():
         np.testing.assert_allclose(counted[name][0], whole[name][0], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(counted[name][1], whole[name][1], rtol=1e-3, atol=1e-6)
         np.testing.assert_allclose(variances[name][1], np.diag(whole[name][1]), rtol=1e-3, atol=1e-6)
+
+
+def test_quantizer_input_probe_leaves_matmul_tokens_to_the_analytic_model(monkeypatch):
+    """A MatMul reading a (B, tokens, features) tensor has its features on the last axis while the probe sums
+    axis 1: even where tokens == features (16 here) its input is not measured."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnx_udfc.passes.compress as compress_pass
+    from onnx_udfc.stats.layer_inputs import MeasuredInputs
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             numpy_helper.from_array(np.array([0, 16, 16], np.int64), "shape"),
+             numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.25).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["input", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["flat"], name="reshape"),  # (B, 16, 16)
+             helper.make_node("Transpose", ["flat"], ["tokens"], perm=[0, 2, 1], name="transpose"),
+             helper.make_node("MatMul", ["tokens", "w2"], ["output"], name="matmul")]
+    graph = helper.make_graph(nodes, "tokens", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 16, 16])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    monkeypatch.setattr(compress_pass, "MIN_LAYERS", 2)
+    stats = prepared(model, bits=4, samples=8).stats
+    assert isinstance(stats, MeasuredInputs)
+    assert "input" in stats._inputs and "tokens" not in stats._inputs

@@ -60,10 +60,9 @@ class StatisticsPass(Pass):
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
             ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
-        if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _low_bit_quantization(ctx)
-                and _single_image_input(ctx)):
-            # no BN priors, error-feedback bit widths: the quantizer's input moments are measured (a second
-            # probe on a pruning run: its chain statistics come from pink noise, these from the image prior)
+        if ctx.options.statistics in ("auto", "synthetic") and _low_bit_quantization(ctx) and _single_image_input(ctx):
+            # error-feedback bit widths: the quantizer's input moments are measured where BN priors are missing
+            # (a second probe on a pruning run: its chain statistics come from pink noise, these from the prior)
             _measure_quantizer_inputs(ctx)
         ctx.stats.register_chains(ctx.chains)
         unknown = dict(sorted(ctx.stats.unknown_ops.items()))
@@ -84,13 +83,18 @@ def _mostly_bn_priors(ctx: PassContext) -> bool:
 
 
 def _measure_quantizer_inputs(ctx: PassContext) -> None:
-    """Wrap `ctx.stats` in `MeasuredInputs` for models with at least `MIN_LAYERS` linear layers."""
+    """Wrap `ctx.stats` in `MeasuredInputs` for models with at least `MIN_LAYERS` linear layers of which fewer
+    than half have a BN prior (BN folded at export). MatMul inputs are left to the analytic model unless 2-D:
+    their features are on the last axis, the probe sums axis 1."""
     layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
     layers = [layer for layer in layers if layer is not None]
-    if len(layers) < MIN_LAYERS:
+    with_prior = sum(1 for layer in layers if layer.node.output[0] in ctx.priors)
+    if len(layers) < MIN_LAYERS or 2 * with_prior >= len(layers):
         return
+    measurable = [layer for layer in layers
+                  if layer.node.op_type != "MatMul" or len(ctx.shapes.get(layer.node.input[0]) or ()) == 2]
     measured, samples = measure_layer_inputs(
-        ctx.input_model, {layer.node.input[0]: layer.rows.shape[1] * layer.group for layer in layers},
+        ctx.input_model, {layer.node.input[0]: layer.rows.shape[1] * layer.group for layer in measurable},
         ctx.input_shapes, ctx.shapes, covariance=_error_feedback_inputs(ctx, [layer.node for layer in layers]),
         samples=ctx.options.samples, seed=ctx.options.seed, original_shapes=ctx.original_shapes)
     if measured:
