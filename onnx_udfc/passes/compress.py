@@ -60,9 +60,10 @@ class StatisticsPass(Pass):
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
             ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
-        if ctx.options.statistics in ("auto", "synthetic") and _low_bit_quantization(ctx) and _single_image_input(ctx):
-            # error-feedback bit widths: the quantizer's input moments are measured where BN priors are missing
-            # (a second probe on a pruning run: its chain statistics come from pink noise, these from the prior)
+        if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _low_bit_quantization(ctx)
+                and _single_image_input(ctx)):
+            # no BN priors, error-feedback bit widths: the quantizer's input moments are measured (a second
+            # probe on a pruning run: its chain statistics come from pink noise, these from the image prior)
             _measure_quantizer_inputs(ctx)
         ctx.stats.register_chains(ctx.chains)
         unknown = dict(sorted(ctx.stats.unknown_ops.items()))
@@ -70,26 +71,26 @@ class StatisticsPass(Pass):
 
 
 def _mostly_bn_priors(ctx: PassContext) -> bool:
-    """True when at least half of the chain producers have a BN prior (BN kept in the model).
+    """True when at least half of the chain producers (of the linear layers, in a model without chains) have a
+    BN prior (BN kept in the model).
 
     With BN the analytic prior is informative and `combined` (analytic and synthetic averaged) is best;
     with BN folded at export, moment propagation alone collapses (ResNet-20 at prune 0.3: 0.14) where
     synthetic samples keep it usable (0.74), so the analytic half is left out.
     """
-    if not ctx.chains:
+    producers = [c.producer for c in ctx.chains] or [n for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
+    if not producers:
         return True
-    with_prior = sum(1 for c in ctx.chains if c.producer.output[0] in ctx.priors)
-    return 2 * with_prior >= len(ctx.chains)
+    with_prior = sum(1 for node in producers if node.output[0] in ctx.priors)
+    return 2 * with_prior >= len(producers)
 
 
 def _measure_quantizer_inputs(ctx: PassContext) -> None:
-    """Wrap `ctx.stats` in `MeasuredInputs` for models with at least `MIN_LAYERS` linear layers of which fewer
-    than half have a BN prior (BN folded at export). MatMul inputs are left to the analytic model unless 2-D:
-    their features are on the last axis, the probe sums axis 1."""
+    """Wrap `ctx.stats` in `MeasuredInputs` for models with at least `MIN_LAYERS` linear layers. MatMul inputs
+    are left to the analytic model unless 2-D: their features are on the last axis, the probe sums axis 1."""
     layers = [read_layer(ctx.graph, n) for n in ctx.graph.topological_nodes() if n.op_type in LINEAR_OPS]
     layers = [layer for layer in layers if layer is not None]
-    with_prior = sum(1 for layer in layers if layer.node.output[0] in ctx.priors)
-    if len(layers) < MIN_LAYERS or 2 * with_prior >= len(layers):
+    if len(layers) < MIN_LAYERS:
         return
     measurable = [layer for layer in layers
                   if layer.node.op_type != "MatMul" or len(ctx.shapes.get(layer.node.input[0]) or ()) == 2]
