@@ -27,7 +27,7 @@ import onnx
 
 from ..heap import return_freed_memory
 from .model import MAX_COVARIANCE_CHANNELS, Moments, StatisticsModel
-from .sampled import measure_channel_moments, synthetic_batches
+from .sampled import measure_channel_moments, restrict_chain_moments, synthetic_batches
 
 #: images per onnxruntime run: every linear layer's input is probed, the early full-resolution ones too
 #: (folded MobileNetV2 W4, whole process: 8 images per run 625 MB, 4 478 MB, 2 306 MB). Without BN layers
@@ -147,9 +147,4 @@ class MeasuredInputs(StatisticsModel):
     def restrict(self, path, kept: np.ndarray) -> None:
         """After pruning: the base's restriction, and channels `kept` of every measured tensor on `path`."""
         self.base.restrict(path, kept)
-        for tensor, block in path:
-            measured = self._inputs.get(tensor)
-            if measured is None or block != 1 or measured[0].shape[0] <= kept.max(initial=0):
-                continue
-            mean, second = measured
-            self._inputs[tensor] = (mean[kept], second[kept] if second.ndim == 1 else second[np.ix_(kept, kept)])
+        restrict_chain_moments(self._inputs, path, kept)

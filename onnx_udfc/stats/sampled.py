@@ -538,12 +538,13 @@ class SampledStatistics(AnalyticStatistics):
 
 def restrict_chain_moments(store: Dict[str, Moments], path, kept: np.ndarray) -> None:
     """After pruning: keep channels `kept` of every (mean, cov) in `store` whose tensor is on the chain's `path`
-    (per-channel tensors only; `path` as in `AnalyticStatistics.restrict`)."""
+    (per-channel tensors only; `path` as in `AnalyticStatistics.restrict`); a variance vector (C,) in place of
+    the covariance is restricted alike."""
     for tensor, block in path:
         if tensor in store and block == 1:
-            mean, cov = store[tensor]
+            mean, second = store[tensor]
             if mean.shape[0] > kept.max(initial=0):
-                store[tensor] = (mean[kept], cov[np.ix_(kept, kept)])
+                store[tensor] = (mean[kept], second[kept] if second.ndim == 1 else second[np.ix_(kept, kept)])
 
 
 class CombinedStatistics(SampledStatistics):
