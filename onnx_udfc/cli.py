@@ -73,10 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64, metavar="N",
                    help="synthetic images pushed through the model for synthetic / combined statistics and the "
                         "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64)")
-    p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="pink",
-                   help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise) or prior (1/f^e noise "
-                        "with random exponent, contrast and brightness per image; better on small models exported "
-                        "with BN folded, worse on folded ImageNet models) (default pink)")
+    p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="auto",
+                   help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise), prior (1/f^e "
+                        "noise with random exponent, contrast and brightness per image), or auto: prior for a "
+                        "BN-folded classifier that pink noise saturates (one confident class for every image), "
+                        "pink otherwise (default auto)")
     p.add_argument("--no-merge-blend", action="store_true",
                    help="udfc on BN-folded chains: plain least squares, without shrinking each removed channel's "
                         "prediction toward its Neuron Merging partner")

@@ -80,18 +80,54 @@ def test_image_prior_noise_varies_spectrum_contrast_and_brightness_per_image():
     np.testing.assert_allclose(y.std(axis=(2, 3)), 1, atol=1e-4)
 
 
-def test_synthetic_inputs_pink_by_default_prior_on_request():
+def _classifier_head(model: onnx.ModelProto, weight_scale: float, bias_boost: float) -> onnx.ModelProto:
+    """`model` with its Gemm head's weight scaled and `bias_boost` added to class 3's bias."""
+    from onnx import numpy_helper
+
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    for init in model.graph.initializer:
+        if init.name in (gemm.input[1], gemm.input[2]):
+            value = numpy_helper.to_array(init).copy()
+            if init.name == gemm.input[1]:
+                value *= weight_scale
+            else:
+                value[3] += bias_boost
+            init.CopyFrom(numpy_helper.from_array(value.astype(np.float32), init.name))
+    return model
+
+
+def test_auto_synthetic_inputs_take_the_prior_where_pink_noise_saturates_the_classifier():
+    """`synthetic_inputs="auto"` (default): a BN-folded classifier that gives every pink-noise image one class
+    with confidence >= 0.9 is probed on image-prior samples (as `"prior"`, selection ridge included); one
+    whose answers stay uncertain keeps pink noise. Explicit choices are kept."""
     from builders import fold_all_batchnorm
 
-    model = fold_all_batchnorm(plain_chain(seed=7))
-    outputs = {kind: compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=6,
-                              statistics="synthetic", samples=16, validate=False,
-                              **({} if kind == "default" else {"synthetic_inputs": kind}))
-               for kind in ("default", "prior", "pink")}
-    blobs = {kind: out.SerializeToString() for kind, (out, _) in outputs.items()}
-    assert blobs["default"] == blobs["pink"] and blobs["prior"] != blobs["pink"]
-    assert "random spectral exponent" in outputs["prior"][1].statistics_source
-    assert "random spectral exponent" not in outputs["default"][1].statistics_source
+    from onnx_udfc.stats.sampled import pink_saturates
+
+    saturated = _classifier_head(fold_all_batchnorm(plain_chain(seed=7)), 1.0, 100.0)
+    uncertain = _classifier_head(fold_all_batchnorm(plain_chain(seed=7)), 1e-3, 0.0)
+    assert pink_saturates(saturated, "input", (1, 3, 16, 16))
+    assert not pink_saturates(uncertain, "input", (1, 3, 16, 16))
+    for model, expected in ((saturated, "prior"), (uncertain, "pink")):
+        outputs = {kind: compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=6,
+                                  statistics="synthetic", samples=16, validate=False,
+                                  **({} if kind == "default" else {"synthetic_inputs": kind}))
+                   for kind in ("default", "prior", "pink")}
+        blobs = {kind: out.SerializeToString() for kind, (out, _) in outputs.items()}
+        assert blobs["prior"] != blobs["pink"]
+        assert blobs["default"] == blobs[expected]
+        source = outputs["default"][1].statistics_source
+        assert ("random spectral exponent" in source) == (expected == "prior")
+        assert ("saturates" in source) == (expected == "prior")
+        assert "saturates" not in outputs[expected][1].statistics_source  # explicit: no check
+
+
+def test_auto_synthetic_inputs_stay_pink_with_bn_kept():
+    model = _classifier_head(plain_chain(seed=7), 1.0, 100.0)
+    outputs = [compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=6, samples=16,
+                        validate=False, **kwargs)[0].SerializeToString()
+               for kwargs in ({}, {"synthetic_inputs": "pink"})]
+    assert outputs[0] == outputs[1]
 
 
 def test_synthetic_inputs_option_is_validated():

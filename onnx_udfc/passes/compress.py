@@ -43,7 +43,10 @@ class StatisticsPass(Pass):
         if kind == "auto":
             kind = "combined" if _mostly_bn_priors(ctx) else "synthetic"
         inputs = ctx.options.synthetic_inputs
-        if ctx.options.selection_ridge is None:
+        if inputs == "auto" and kind != "synthetic":
+            inputs = "pink"  # with BN kept, batch-statistics BN re-normalises the samples at every layer
+        ridge_unset = ctx.options.selection_ridge is None
+        if ridge_unset:
             # Samples from the image prior spread the channel variances, and a ridge of 0.1 of their mean
             # over-shrinks the low-variance channels: exactly redundant channels looked costly to remove (see
             # test_global_allocation_takes_the_redundant_channels_first). Folded Fashion-MNIST, prune 0.1 / 0.3
@@ -56,6 +59,8 @@ class StatisticsPass(Pass):
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
                                 original_shapes=ctx.original_shapes, synthetic=inputs)
+            if ridge_unset and ctx.stats.synthetic == "prior":
+                ctx.options.selection_ridge = 0.01  # "auto" chose the prior (see the ridge above)
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")

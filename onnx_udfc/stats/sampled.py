@@ -168,6 +168,57 @@ def image_prior_batches(shape: Sequence[int], seed: int = 0, exponents: Tuple[fl
         yield x
 
 
+#: images of the saturation check (`pink_saturates`) and the mean top-class probability above which a
+#: classifier that gives all of them one class is saturated by the noise
+SATURATION_IMAGES = 16
+SATURATION_CONFIDENCE = 0.9
+
+
+def pink_saturates(model: onnx.ModelProto, input_name: str, input_shape: Sequence[int], seed: int = 0) -> bool:
+    """True when unit-contrast pink noise saturates the classifier `model`: on `SATURATION_IMAGES` seeded pink
+    images its first output, (B, K) scores with K >= 2, gives every image the same class with a mean top
+    probability (softmax of the scores, or the scores themselves when they are probabilities) of at least
+    `SATURATION_CONFIDENCE`. Any other output (a detector, an embedding) is never judged saturated.
+
+    Why: statistics measured on inputs that drive every sample to one confident answer describe a regime the
+    network is not in on data. On the four Fashion-MNIST models exported with BN folded, 64 pink images all
+    land in one class with top probability 0.99-1.00, while image-prior samples spread over 3-6 classes
+    (confidence 0.78-0.89); on the folded ImageNet exports pink noise gives 3-5 classes at 0.21-0.43. Prior
+    images are much better on the former and worse on the latter (see `SampledStatistics` with
+    `synthetic="auto"`).
+    """
+    from ..ir.shapes import with_batch
+
+    run_batch = with_batch(model, {input_name: tuple(input_shape)}, RUN_BATCH)[input_name][0]  # static: kept
+    images = max(run_batch, SATURATION_IMAGES - SATURATION_IMAGES % run_batch)
+    session = inference_session(model.SerializeToString(), _probe_options())
+    output = session.get_outputs()[0].name
+    scores = [session.run([output], {input_name: x})[0]
+              for x in synthetic_batches((images,) + tuple(input_shape[1:]), seed=seed, kind="pink", batch=run_batch)]
+    del session
+    if any(y.ndim != 2 or y.shape[1] < 2 for y in scores):
+        return False
+    scores = np.concatenate(scores).astype(np.float64)
+    probabilities = scores
+    if not (np.all(scores >= 0) and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)):
+        shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    classes = probabilities.argmax(axis=1)
+    return bool(np.all(classes == classes[0]) and probabilities.max(axis=1).mean() >= SATURATION_CONFIDENCE)
+
+
+def _probe_options():
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = probe_threads()
+    opts.log_severity_level = 3
+    # without the arena the activations of a run go back to the system when it ends (same sums):
+    # MobileNetV2 prune 0.3 peak 560 -> 454 MB
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
 def synthetic_batches(shape: Sequence[int], seed: int = 0, kind: str = "pink",
                       batch: Optional[int] = None) -> Iterator[np.ndarray]:
     """The synthetic inputs of `SampledStatistics`, `batch` images at a time: `image_prior_noise` ("prior") or
@@ -383,20 +434,13 @@ def measure_channel_moments(model: Union[onnx.ModelProto, List[onnx.ModelProto]]
     `model` may come as a one-element list, which is emptied: the caller hands its reference over, and the
     model is freed as soon as the probe is serialised.
     """
-    import onnxruntime as ort
-
     if isinstance(model, list):  # handed over (`[model]`, the caller keeps no other reference)
         model = model.pop()
     probe = batch_statistics_probe(model, names, shapes, batch_norm=batch_norm, copy=not model_owned)
     del model
     plan = gram_outputs(probe, names, gram_shapes, diagonal)
     fetch = [o for n in names for o in (tuple(x for x in plan[n] if isinstance(x, str)) if plan[n] else (n,))]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = probe_threads()
-    opts.log_severity_level = 3
-    # without the arena the activations of a run go back to the system when it ends (same sums):
-    # MobileNetV2 prune 0.3 peak 560 -> 454 MB
-    opts.enable_cpu_mem_arena = False
+    opts = _probe_options()
     # the probe's protobuf goes before onnxruntime parses its bytes: with an owned, handed-over model that
     # was the last copy of the input in memory during the runs (ResNet-50-sized prune 0.3: 100 MB)
     serialized = probe.SerializeToString()
@@ -453,6 +497,8 @@ class SampledStatistics(AnalyticStatistics):
         self._measured: Dict[str, Moments] = {}
         self._pooled: Dict[str, Moments] = {}
         self._kept: Dict[str, np.ndarray] = {}
+        #: the synthetic images used: "pink" or "prior" ("auto" resolved by `pink_saturates`)
+        self.synthetic = "pink" if synthetic == "auto" else synthetic
         if not names:
             return
         input_name = next(iter(input_shapes))
@@ -460,6 +506,13 @@ class SampledStatistics(AnalyticStatistics):
 
         if callable(original):
             original, original_owned = original()
+        saturated = ""
+        if synthetic == "auto" and inputs is None and len(input_shapes[input_name]) == 4:
+            if pink_saturates(original, input_name, input_shapes[input_name], seed=seed):
+                self.synthetic = synthetic = "prior"
+                saturated = "pink noise saturates the classifier (one class for every image), so "
+            else:
+                synthetic = "pink"
 
         # a static batch stays as it is; a dynamic one runs `batch` images at a time (memory: the probed
         # feature maps of one run are held at once; MobileNetV2 with 32 images at a time peaked at 940 MB)
@@ -495,7 +548,7 @@ class SampledStatistics(AnalyticStatistics):
         return_freed_memory()
         self._pooled = {key: self._measured.pop(tensor) for key, tensor in pooled.items() if tensor in self._measured}
         kind = " (random spectral exponent, contrast and brightness per image)" if synthetic == "prior" else ""
-        self.source = (f"{self.label}channel covariances from {samples} synthetic pink-noise images{kind} pushed through the "
+        self.source = (f"{self.label}{saturated}channel covariances from {samples} synthetic pink-noise images{kind} pushed through the "
                        f"model with every BN normalising by its batch statistics (seed {seed}); "
                        + (f"{len(self._pooled)} chain(s) read through a global pool selected on the pooled vectors' "
                           "covariance; " if self._pooled else "")
