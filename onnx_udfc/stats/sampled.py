@@ -507,12 +507,11 @@ class SampledStatistics(AnalyticStatistics):
         if callable(original):
             original, original_owned = original()
         saturated = ""
-        if synthetic == "auto" and inputs is None and len(input_shapes[input_name]) == 4:
-            if pink_saturates(original, input_name, input_shapes[input_name], seed=seed):
-                self.synthetic = synthetic = "prior"
-                saturated = "pink noise saturates the classifier (one class for every image), so "
-            else:
-                synthetic = "pink"
+        if (synthetic == "auto" and inputs is None and len(input_shapes[input_name]) == 4
+                and pink_saturates(original, input_name, input_shapes[input_name], seed=seed)):
+            self.synthetic = "prior"
+            saturated = "pink noise saturates the classifier (one class for every image), so "
+        synthetic = self.synthetic
 
         # a static batch stays as it is; a dynamic one runs `batch` images at a time (memory: the probed
         # feature maps of one run are held at once; MobileNetV2 with 32 images at a time peaked at 940 MB)
