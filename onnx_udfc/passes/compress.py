@@ -45,26 +45,24 @@ class StatisticsPass(Pass):
         inputs = ctx.options.synthetic_inputs
         if inputs == "auto" and kind != "synthetic":
             inputs = "pink"  # with BN kept, batch-statistics BN re-normalises the samples at every layer
-        ridge_unset = ctx.options.selection_ridge is None
-        if ridge_unset:
-            # Samples from the image prior spread the channel variances, and a ridge of 0.1 of their mean
-            # over-shrinks the low-variance channels: exactly redundant channels looked costly to remove (see
-            # test_global_allocation_takes_the_redundant_channels_first). Folded Fashion-MNIST, prune 0.1 / 0.3
-            # + W6, udfc top-1 with 0.1 / 0.01 (prior inputs): VGG 0.922 / 0.923, 0.867 / 0.896; VGG-small
-            # 0.906 / 0.915, 0.848 / 0.848; ResNet-20 0.918 / 0.922, 0.903 / 0.889
-            ctx.options.selection_ridge = 0.01 if inputs == "prior" else 0.1
         sampled = {"synthetic": SampledStatistics, "combined": CombinedStatistics}.get(kind)
         if sampled is not None and ctx.options.prune > 0 and ctx.chains and _single_image_input(ctx):
             # the input model is loaded by the statistics themselves and freed once the probe is serialised
             ctx.stats = sampled(ctx.graph, ctx.shapes, ctx.priors, ctx.input_model, ctx.chains,
                                 ctx.input_shapes, samples=ctx.options.samples, seed=ctx.options.seed,
                                 original_shapes=ctx.original_shapes, synthetic=inputs)
-            if ridge_unset and ctx.stats.synthetic == "prior":
-                ctx.options.selection_ridge = 0.01  # "auto" chose the prior (see the ridge above)
+            inputs = ctx.stats.synthetic  # "auto" resolved
         else:
             if sampled is not None and ctx.options.prune > 0 and ctx.chains:
                 ctx.notes.append(f"{kind} statistics need one 4-D image input: analytic statistics used")
             ctx.stats = AnalyticStatistics(ctx.graph, ctx.shapes, ctx.priors)
+        if ctx.options.selection_ridge is None:
+            # Samples from the image prior spread the channel variances, and a ridge of 0.1 of their mean
+            # over-shrinks the low-variance channels: exactly redundant channels looked costly to remove (see
+            # test_global_allocation_takes_the_redundant_channels_first). Folded Fashion-MNIST, prune 0.1 / 0.3
+            # + W6, udfc top-1 with 0.1 / 0.01 (prior inputs): VGG 0.922 / 0.923, 0.867 / 0.896; VGG-small
+            # 0.906 / 0.915, 0.848 / 0.848; ResNet-20 0.918 / 0.922, 0.903 / 0.889
+            ctx.options.selection_ridge = 0.01 if inputs == "prior" else 0.1
         if (kind == "synthetic" and not _mostly_bn_priors(ctx) and _low_bit_quantization(ctx)
                 and _single_image_input(ctx)):
             # no BN priors, error-feedback bit widths: the quantizer's input moments are measured (a second

@@ -27,7 +27,7 @@ import onnx
 
 from ..heap import return_freed_memory
 from .model import MAX_COVARIANCE_CHANNELS, Moments, StatisticsModel
-from .sampled import measure_channel_moments, restrict_chain_moments, synthetic_batches
+from .sampled import images_per_run, measure_channel_moments, restrict_chain_moments, synthetic_batches
 
 #: images per onnxruntime run: every linear layer's input is probed, the early full-resolution ones too
 #: (folded MobileNetV2 W4, whole process: 8 images per run 625 MB, 4 478 MB, 2 306 MB). Without BN layers
@@ -66,7 +66,7 @@ def measure_layer_inputs(original: Union[onnx.ModelProto, Callable[[], Tuple[onn
     `MAX_COVARIANCE_CHANNELS`, are measured; where inference reached neither, every position is summed.
     Returns (moments per tensor, images used).
     """
-    from ..ir.shapes import infer_static_shapes, with_batch
+    from ..ir.shapes import infer_static_shapes
 
     owned = False
     if callable(original):
@@ -84,10 +84,9 @@ def measure_layer_inputs(original: Union[onnx.ModelProto, Callable[[], Tuple[onn
     if not names:
         return {}, 0
     input_name = next(iter(input_shapes))
-    run_batch = with_batch(original, input_shapes, min(batch, samples))[input_name][0]
     pixels = int(np.prod(input_shapes[input_name][2:]))
-    samples = min(samples, max(1, PIXEL_BUDGET // max(pixels, 1)))
-    samples = max(run_batch, samples - samples % run_batch)
+    run_batch, samples = images_per_run(original, input_shapes, samples, batch,
+                                        most=max(1, PIXEL_BUDGET // max(pixels, 1)))
     image = (samples,) + tuple(input_shapes[input_name][1:])
     batches = synthetic_batches(image, seed=seed, kind=synthetic, batch=run_batch)
     handed_over = [original]

@@ -187,10 +187,7 @@ def pink_saturates(model: onnx.ModelProto, input_name: str, input_shape: Sequenc
     images are much better on the former and worse on the latter (see `SampledStatistics` with
     `synthetic="auto"`).
     """
-    from ..ir.shapes import with_batch
-
-    run_batch = with_batch(model, {input_name: tuple(input_shape)}, RUN_BATCH)[input_name][0]  # static: kept
-    images = max(run_batch, SATURATION_IMAGES - SATURATION_IMAGES % run_batch)
+    run_batch, images = images_per_run(model, {input_name: tuple(input_shape)}, SATURATION_IMAGES, RUN_BATCH)
     session = inference_session(model.SerializeToString(), _probe_options())
     output = session.get_outputs()[0].name
     scores = [session.run([output], {input_name: x})[0]
@@ -217,6 +214,19 @@ def _probe_options():
     # MobileNetV2 prune 0.3 peak 560 -> 454 MB
     opts.enable_cpu_mem_arena = False
     return opts
+
+
+def images_per_run(model: onnx.ModelProto, input_shapes: Dict[str, tuple], samples: int, batch: int,
+                   most: Optional[int] = None) -> Tuple[int, int]:
+    """(images per onnxruntime run, images in all): `batch` per run where the model's batch dimension is
+    dynamic (its static batch otherwise), and `samples` (at most `most`) rounded down to whole runs, one run
+    at least."""
+    from ..ir.shapes import with_batch
+
+    run_batch = with_batch(model, input_shapes, min(batch, samples))[next(iter(input_shapes))][0]
+    if most is not None:
+        samples = min(samples, most)
+    return run_batch, max(run_batch, samples - samples % run_batch)
 
 
 def synthetic_batches(shape: Sequence[int], seed: int = 0, kind: str = "pink",
@@ -502,8 +512,6 @@ class SampledStatistics(AnalyticStatistics):
         if not names:
             return
         input_name = next(iter(input_shapes))
-        from ..ir.shapes import with_batch
-
         if callable(original):
             original, original_owned = original()
         saturated = ""
@@ -515,8 +523,7 @@ class SampledStatistics(AnalyticStatistics):
 
         # a static batch stays as it is; a dynamic one runs `batch` images at a time (memory: the probed
         # feature maps of one run are held at once; MobileNetV2 with 32 images at a time peaked at 940 MB)
-        run_batch = with_batch(original, input_shapes, min(batch, samples))[input_name][0]
-        samples = max(run_batch, samples - samples % run_batch)
+        run_batch, samples = images_per_run(original, input_shapes, samples, batch)
         # batch-statistics BN wants the largest batch the model accepts; synthetic images are made one run's
         # batch at a time (64 ImageNet-sized images are 39 MB, their spectrum as much again)
         if inputs is None:
