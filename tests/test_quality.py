@@ -63,3 +63,23 @@ def test_merge_blend_only_on_chains_without_bn_prior_or_depthwise():
     assert compressed(folded, True) != compressed(folded, False)
     for model in (plain_chain(seed=3), fold_all_batchnorm(depthwise_block(seed=3))):
         assert compressed(model, True) == compressed(model, False)
+
+
+def test_unobserved_variance_floor_only_on_chains_without_bn_prior(monkeypatch):
+    """The compensation's variance floor (kept channels nearly constant on synthetic inputs) changes folded
+    chains and says so in the report; with a BN prior it changes nothing. The floor is raised to 1 here so
+    that it binds on these small random models."""
+    import onnx_udfc.passes.prune as prune_pass
+    from builders import fold_all_batchnorm
+
+    def compressed(model, floor):
+        monkeypatch.setattr(prune_pass, "UNOBSERVED_VARIANCE_FLOOR", floor)
+        out, report = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=32, validate=False)
+        notes = [n for layer in report.layers for n in layer.get("notes", []) if "trusted less" in n]
+        return out.SerializeToString(), notes
+
+    for model in (fold_all_batchnorm(plain_chain(seed=3)), fold_all_batchnorm(depthwise_block(seed=3))):
+        (plain, no_notes), (floored, notes) = compressed(model, 0.0), compressed(model, 1.0)
+        assert plain != floored and notes and not no_notes
+    bn_kept = plain_chain(seed=3)
+    assert compressed(bn_kept, 0.0) == compressed(bn_kept, 1.0)

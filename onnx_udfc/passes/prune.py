@@ -21,12 +21,16 @@ import numpy as np
 from ..ir.graph import set_attr
 from ..ir.layers import read_layer, write_layer
 from ..numerics.compensation import (apply_compensation, blend_with_merge, mean_compensation, neuron_merging,
-                                     solve_affine_compensation)
+                                     solve_affine_compensation, unobserved_variance)
 from ..numerics.selection import aligned_removal, effective_multiple, select_by_expected_error, select_by_norm
 from ..patterns.chains import Chain
 from .base import PassContext
 
 log = logging.getLogger(__name__)
+
+#: Without a BN prior, the compensation solve counts each kept channel's variance as at least this fraction
+#: of the chain's mean kept variance (`unobserved_variance`)
+UNOBSERVED_VARIANCE_FLOOR = 0.03
 
 
 def consumer_taps(rows: np.ndarray, channels: int, block: int) -> np.ndarray:
@@ -162,9 +166,17 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
     mean, cov = statistics
     noise = _kept_channel_noise(ctx, chain, kept, cov)
     pruned = np.setdiff1d(np.arange(n), kept)
+    unobserved = None
+    if noise is None and chain.producer.output[0] not in ctx.priors:
+        unobserved = unobserved_variance(np.diag(cov)[kept], UNOBSERVED_VARIANCE_FLOOR)
+        if unobserved is not None:
+            ctx.layer(chain.producer).setdefault("notes", []).append(
+                f"no BN prior: {np.count_nonzero(unobserved)} kept channel(s) nearly constant on the synthetic "
+                f"inputs (variance below {UNOBSERVED_VARIANCE_FLOOR:g} of the mean) trusted less by the compensation")
     # The ridge regularises the prediction of the pruned channels only: a kept channel is observed, so
     # its row stays the identity, or (with noise) the errors-in-variables solve without ridge (S').
-    s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge, extra_noise=noise, rows=pruned)
+    s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge,
+                                     extra_noise=noise if noise is not None else unobserved, rows=pruned)
     if noise is not None:
         s_kept, t_kept = solve_affine_compensation(mean, cov, kept, ridge=0.0, extra_noise=noise, rows=kept)
         s[kept], t[kept] = s_kept[kept], t_kept[kept]

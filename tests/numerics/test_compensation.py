@@ -3,7 +3,7 @@ import pytest
 
 from onnx_udfc.numerics.compensation import (apply_compensation, blend_with_merge, compensation_error,
                                              mean_compensation, merge_partners, neuron_merging,
-                                             solve_affine_compensation)
+                                             solve_affine_compensation, unobserved_variance)
 
 
 def _random_stats(rng, n, rank=None):
@@ -249,3 +249,38 @@ def test_compensation_ladder_never_increases_error():
     assert e_udfc < 0.5 * e_mean and e_mean < 0.5 * e_none
     # kept may be inferred from S when the kept rows are exact unit rows
     assert compensation_error(v, mean, cov, *solve_affine_compensation(mean, cov, kept)) == pytest.approx(e_udfc)
+
+
+def test_unobserved_variance_fills_the_shortfall_below_the_floor():
+    v = np.array([1.0, 2.0, 0.0, 0.01, 0.99])  # mean 0.8, floor 0.1 -> target 0.08
+    extra = unobserved_variance(v, 0.1)
+    np.testing.assert_allclose(extra, [0.0, 0.0, 0.08, 0.07, 0.0])
+    assert unobserved_variance(np.array([1.0, 1.5]), 0.1) is None
+    assert unobserved_variance(np.zeros(3), 0.1) is None
+
+
+def test_unobserved_variance_bounds_the_weight_on_a_nearly_constant_channel():
+    """Channel 2 barely moves in the (synthetic) statistics but tracks removed channel 0 there; in the (real)
+    ones it moves as much as the average channel, independently. Least squares leans on it with a coefficient
+    of about 15, which the floor bounds near 1: the real error falls by two orders of magnitude, and on the
+    synthetic statistics the floored predictor still beats the mean compensation."""
+    rng = np.random.default_rng(4)
+    n = 6
+    x = rng.standard_normal((n, 400)) + 0.5 * rng.standard_normal((1, 400))
+    x[2] = 0.03 * (0.9 * x[0] + 0.45 * rng.standard_normal(400))  # variance about 1e-3 of the others'
+    synthetic = np.cov(x)
+    x[2] = np.sqrt(np.mean(np.diag(synthetic))) * rng.standard_normal(400)
+    real = np.cov(x)
+    mean = np.zeros(n)
+    kept = np.array([1, 2, 3, 4, 5])
+    v = rng.standard_normal((3, n))
+    floor = unobserved_variance(np.diag(synthetic)[kept], 0.03)
+    assert floor is not None and np.flatnonzero(floor).tolist() == [1]
+    plain = solve_affine_compensation(mean, synthetic, kept, ridge=0.001, rows=[0])
+    floored = solve_affine_compensation(mean, synthetic, kept, ridge=0.001, extra_noise=floor, rows=[0])
+    assert abs(plain[0][0, 1]) > 10 and abs(floored[0][0, 1]) < 2
+    by_mean = mean_compensation(mean, kept)
+    real_error = [compensation_error(v, mean, real, *st, kept=kept) for st in (plain, floored)]
+    assert real_error[1] < 0.05 * real_error[0]
+    synthetic_error = [compensation_error(v, mean, synthetic, *st, kept=kept) for st in (floored, by_mean)]
+    assert synthetic_error[0] < synthetic_error[1]
