@@ -171,8 +171,8 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
         unobserved = unobserved_variance(np.diag(cov)[kept], UNOBSERVED_VARIANCE_FLOOR)
         if unobserved is not None:
             ctx.layer(chain.producer).setdefault("notes", []).append(
-                f"no BN prior: {np.count_nonzero(unobserved)} kept channel(s) nearly constant on the synthetic "
-                f"inputs (variance below {UNOBSERVED_VARIANCE_FLOOR:g} of the mean) trusted less by the compensation")
+                f"no BN prior: {np.count_nonzero(unobserved)} kept channel(s) nearly constant in the statistics "
+                f"(variance below {UNOBSERVED_VARIANCE_FLOOR:g} of the mean) trusted less by the compensation")
     # The ridge regularises the prediction of the pruned channels only: a kept channel is observed, so
     # its row stays the identity, or (with noise) the errors-in-variables solve without ridge (S').
     s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge,
