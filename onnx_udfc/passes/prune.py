@@ -152,6 +152,11 @@ def _slice_channel_slopes(graph, chain: Chain, kept: np.ndarray) -> None:
             stage.activation = stage.activation.restricted(kept)
 
 
+def has_bn_prior(ctx: PassContext, chain: Chain) -> bool:
+    """Whether `chain`'s producer output has a BN prior (a BN followed it in the input model)."""
+    return chain.producer.output[0] in ctx.priors
+
+
 def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept: np.ndarray,
                   flat_producer: np.ndarray, producer_bias) -> Tuple[np.ndarray, np.ndarray]:
     n = chain.channels
@@ -167,7 +172,7 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
     noise = _kept_channel_noise(ctx, chain, kept, cov)
     pruned = np.setdiff1d(np.arange(n), kept)
     unobserved = None
-    if noise is None and chain.producer.output[0] not in ctx.priors:
+    if not has_bn_prior(ctx, chain):  # (then `noise` is None)
         unobserved = unobserved_variance(np.diag(cov)[kept], UNOBSERVED_VARIANCE_FLOOR)
         if unobserved is not None:
             ctx.layer(chain.producer).setdefault("notes", []).append(
@@ -176,11 +181,11 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
     # The ridge regularises the prediction of the pruned channels only: a kept channel is observed, so
     # its row stays the identity, or (with noise) the errors-in-variables solve without ridge (S').
     s, t = solve_affine_compensation(mean, cov, kept, ridge=ctx.options.ridge,
-                                     extra_noise=noise if noise is not None else unobserved, rows=pruned)
+                                     extra_noise=noise if unobserved is None else unobserved, rows=pruned)
     if noise is not None:
         s_kept, t_kept = solve_affine_compensation(mean, cov, kept, ridge=0.0, extra_noise=noise, rows=kept)
         s[kept], t[kept] = s_kept[kept], t_kept[kept]
-    if ctx.options.merge_blend and chain.depthwise is None and chain.producer.output[0] not in ctx.priors:
+    if ctx.options.merge_blend and chain.depthwise is None and not has_bn_prior(ctx, chain):
         # no BN prior (BN folded at export): the covariance comes from synthetic inputs through an
         # un-normalised network; the weights-only merge is an independent second opinion. Not through a
         # depthwise conv: merge compares producer filters only, and a channel's own depthwise kernel (after
@@ -208,7 +213,7 @@ def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: n
         parts = [np.asarray(p, np.float64) for p in parts if p is not None and np.size(p) == chain.channels]
         return sum(parts) if parts else None
 
-    if chain.producer.output[0] not in ctx.priors:
+    if not has_bn_prior(ctx, chain):
         # Without a BN prior the noise (from propagated moments) and the covariance (from samples) are on
         # different scales; the shrinkage then hurts: MobileNetV2 exported with BN folded, prune 0.1 + W8,
         # 200 images: 0.355 top-1 with it, 0.580 without.
