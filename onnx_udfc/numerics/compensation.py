@@ -109,9 +109,10 @@ def unobserved_variance(variances: np.ndarray, floor: float) -> np.ndarray | Non
     data. The least-squares predictor of a removed channel then leans on such a channel with a coefficient
     of up to ``sqrt(v_removed / (ridge * mean)) / 2``, harmless on the synthetic inputs and large noise on real
     ones. Counting the shortfall as noise the inputs did not show (errors in variables, on the pruned rows
-    only) bounds it by ``sqrt(v_removed / (floor * mean))`` (about 6x smaller at floor 0.03, ridge 0.001). EfficientNet-Lite0 exported
-    with BN folded, prune 0.1 + W8, probe seeds 0 / 1 / 2: 0.768 / 0.212 / 0.720 top-1 without, 0.790 / 0.760 /
-    0.768 with the floor at 0.03 (the 0.212 came from one 1152-channel chain's compensation).
+    only) bounds it by ``sqrt(v_removed / (floor * mean))`` (about 6x smaller at floor 0.03, ridge 0.001).
+    EfficientNet-Lite0 exported with BN folded, prune 0.1 + W8, probe seeds 0 / 1 / 2: 0.768 / 0.212 / 0.720
+    top-1 without, 0.790 / 0.760 / 0.768 with the floor at 0.03 (the 0.212 came from one 1152-channel chain's
+    compensation).
     """
     variances = np.maximum(np.asarray(variances, dtype=np.float64), 0.0)
     target = floor * float(variances.mean()) if variances.size else 0.0
