@@ -75,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="auto",
                    help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise), prior (1/f^e "
-                        "noise with random exponent, contrast and brightness per image), or auto: prior for a "
-                        "BN-folded classifier that pink noise saturates (one confident class for every image), "
-                        "pink otherwise (default auto)")
+                        "noise with random exponent, contrast and brightness per image), diverse (prior images chosen "
+                        "from twice as many so that the model's answers spread over its classes), or auto: for a "
+                        "BN-folded classifier prior if pink noise saturates it (one confident class for every "
+                        "image), else diverse; pink otherwise (default auto)")
     p.add_argument("--no-merge-blend", action="store_true",
                    help="udfc on BN-folded chains: plain least squares, without shrinking each removed channel's "
                         "prediction toward its Neuron Merging partner")

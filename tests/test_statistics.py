@@ -99,7 +99,8 @@ def _classifier_head(model: onnx.ModelProto, weight_scale: float, bias_boost: fl
 def test_auto_synthetic_inputs_take_the_prior_where_pink_noise_saturates_the_classifier():
     """`synthetic_inputs="auto"` (default): a BN-folded classifier that gives every pink-noise image one class
     with confidence >= 0.9 is probed on image-prior samples (as `"prior"`, selection ridge included); one
-    whose answers stay uncertain keeps pink noise. Explicit choices are kept."""
+    whose answers stay uncertain on image-prior samples chosen by its answers (as `"diverse"`). Explicit
+    choices are kept."""
     from builders import fold_all_batchnorm
 
     from onnx_udfc.stats.sampled import pink_saturates
@@ -108,18 +109,77 @@ def test_auto_synthetic_inputs_take_the_prior_where_pink_noise_saturates_the_cla
     uncertain = _classifier_head(fold_all_batchnorm(plain_chain(seed=7)), 1e-3, 0.0)
     assert pink_saturates(saturated, "input", (1, 3, 16, 16))
     assert not pink_saturates(uncertain, "input", (1, 3, 16, 16))
-    for model, expected in ((saturated, "prior"), (uncertain, "pink")):
+    for model, expected in ((saturated, "prior"), (uncertain, "diverse")):
         outputs = {kind: compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=6,
                                   statistics="synthetic", samples=16, validate=False,
                                   **({} if kind == "default" else {"synthetic_inputs": kind}))
-                   for kind in ("default", "prior", "pink")}
+                   for kind in ("default", "prior", "pink", "diverse")}
         blobs = {kind: out.SerializeToString() for kind, (out, _) in outputs.items()}
-        assert blobs["prior"] != blobs["pink"]
+        assert len({blobs["prior"], blobs["pink"], blobs["diverse"]}) == 3
         assert blobs["default"] == blobs[expected]
         source = outputs["default"][1].statistics_source
-        assert ("random spectral exponent" in source) == (expected == "prior")
+        assert "random spectral exponent" in source
         assert ("saturates" in source) == (expected == "prior")
+        assert ("chosen from 32 by the model's answers" in source) == (expected == "diverse")
         assert "saturates" not in outputs[expected][1].statistics_source  # explicit: no check
+
+
+def _reference_diverse_choice(probabilities, count):
+    """`diverse_choice` spelled out: rounds over the classes, each class's next most confident image."""
+    confidence, classes = probabilities.max(axis=1), probabilities.argmax(axis=1)
+    per_class = {}
+    for i in sorted(range(len(classes)), key=lambda i: -confidence[i]):
+        per_class.setdefault(classes[i], []).append(i)
+    order = sorted(per_class, key=lambda c: -confidence[per_class[c][0]])
+    taken, round_ = [], 0
+    while len(taken) < count:
+        for c in order:
+            if round_ < len(per_class[c]) and len(taken) < count:
+                taken.append(per_class[c][round_])
+        round_ += 1
+    return sorted(taken)
+
+
+def test_diverse_choice_takes_the_classes_in_turn_most_confident_first():
+    from onnx_udfc.stats.sampled import diverse_choice
+
+    # 6 images: class 0 three times (0.9, 0.8, 0.7), class 1 twice (0.95, 0.6), class 2 once (0.5)
+    p = np.zeros((6, 3))
+    for row, (cls, conf) in enumerate([(0, 0.8), (1, 0.6), (0, 0.9), (2, 0.5), (1, 0.95), (0, 0.7)]):
+        p[row] = (1 - conf) / 2
+        p[row, cls] = conf
+    assert diverse_choice(p, 1).tolist() == [4]  # the most confident answer
+    assert diverse_choice(p, 3).tolist() == [2, 3, 4]  # one of each class
+    assert diverse_choice(p, 5).tolist() == [0, 1, 2, 3, 4]  # second round: class 1 (0.6), class 0 (0.8)
+    assert diverse_choice(p, 6).tolist() == list(range(6))
+    rng = np.random.default_rng(0)
+    for classes, rows, count in ((3, 40, 17), (50, 128, 64), (1000, 128, 64), (5, 128, 64)):
+        logits = rng.standard_normal((rows, classes)) * 3 + np.linspace(0, 4, classes)  # a few classes dominate
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        q = e / e.sum(axis=1, keepdims=True)
+        chosen = diverse_choice(q, count)
+        assert chosen.tolist() == _reference_diverse_choice(q, count)
+        answered = q.argmax(axis=1)
+        # as many classes as the candidates answer with (up to count), never two of a class before one of each
+        assert len(set(answered[chosen])) == min(count, len(set(answered)))
+
+
+def test_diverse_inputs_need_class_scores():
+    """A folded model whose output is a feature map (a detector, an encoder) keeps pink noise under "auto";
+    asked for "diverse", it gets plain image-prior samples, and the statistics say why."""
+    from builders import ModelBuilder, calibrate_batchnorm, conv_bn_relu, fold_all_batchnorm
+
+    b = ModelBuilder((1, 3, 16, 16), seed=3)
+    x = conv_bn_relu(b, conv_bn_relu(b, "input", 16), 32)
+    model = fold_all_batchnorm(calibrate_batchnorm(b.build(b.conv(x, 8, k=1))))
+    blobs, sources = {}, {}
+    for kind in ("auto", "pink", "prior", "diverse"):
+        out, report = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=32,
+                               statistics="synthetic", samples=16, validate=False, synthetic_inputs=kind)
+        blobs[kind], sources[kind] = out.SerializeToString(), report.statistics_source
+    assert blobs["auto"] == blobs["pink"] != blobs["prior"]
+    assert blobs["diverse"] == blobs["prior"]
+    assert "not class scores" in sources["diverse"] and "not class scores" not in sources["prior"]
 
 
 def test_auto_synthetic_inputs_stay_pink_with_bn_kept():

@@ -100,7 +100,10 @@ def test_flatten_gemm_consumer_loses_column_blocks():
 def test_folded_bn_model_uses_synthetic_samples_and_moment_propagation():
     model = fold_all_batchnorm(plain_chain())
     assert not [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    out, report, err = compress_and_check(model, prune=0.3, bits=6)
+    # pink noise: this network's "data" is white noise (its BNs were calibrated on N(0, 1) inputs, as the
+    # error below is measured), which unit-contrast pink noise matches and the default's image-prior samples
+    # (contrast 0.3-1, brightness offsets) do not; the default's choice is measured on real models
+    out, report, err = compress_and_check(model, prune=0.3, bits=6, synthetic_inputs="pink")
     source = report.statistics_source
     assert "pink-noise" in source and "moment propagation" in source and "BatchNormalization" not in source
     assert any(l.get("channels_after", 99) < l.get("channels_before", 0) for l in report.layers)

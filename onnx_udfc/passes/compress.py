@@ -43,7 +43,7 @@ class StatisticsPass(Pass):
         if kind == "auto":
             kind = "combined" if _mostly_bn_priors(ctx) else "synthetic"
         inputs = ctx.options.synthetic_inputs
-        if inputs == "auto" and kind != "synthetic":
+        if inputs == "auto" and (kind != "synthetic" or _mostly_bn_priors(ctx)):
             inputs = "pink"  # with BN kept, batch-statistics BN re-normalises the samples at every layer
         sampled = {"synthetic": SampledStatistics, "combined": CombinedStatistics}.get(kind)
         if sampled is not None and ctx.options.prune > 0 and ctx.chains and _single_image_input(ctx):
