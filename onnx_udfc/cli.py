@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 (and write no model) when an output's relative L2 error exceeds E")
     p.add_argument("--statistics", choices=STATISTICS, default="auto",
                    help="source of the channel covariances used by udfc/mean and the selection: analytic (BN prior), "
-                        "synthetic (pink noise through the model), combined (their average), "
+                        "synthetic (synthetic images through the model, see --synthetic-inputs), combined (their average), "
                         "auto = combined if BN is kept, synthetic if folded; with BN folded, quantization at 5 bits or "
                         "fewer (10 or more layers) measures every layer's input moments on synthetic images "
                         "unless analytic "
