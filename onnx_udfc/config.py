@@ -66,8 +66,8 @@ class Options:
         (128: no better); MobileNetV2's statistics pass 1.9 -> 2.6 s.
     synthetic_inputs: the images `synthetic` / `combined` statistics push through the model: `pink`
         (unit-contrast 1/f noise), `prior` (1/f^e noise with per-image random exponent, contrast and
-        brightness, `image_prior_noise`), `diverse` (`samples` prior images chosen from twice as many by the
-        model's answers, one per predicted class in turn, `diverse_prior_images`), or `auto` (default), where
+        brightness, `image_prior_noise`), `diverse` (`samples` low-contrast prior images chosen from twice as many
+        by the model's answers, one per predicted class in turn, `diverse_prior_images`), or `auto` (default), where
         BN was folded at export: `prior` where pink noise saturates the classifier (one class for all of 16
         pink images, mean top probability >= 0.9), `diverse` for any other classifier, `pink` for other
         models (`resolve_synthetic_inputs`). Fashion-MNIST models exported with BN folded (all four
@@ -78,8 +78,8 @@ class Options:
         ImageNet exports are not saturated (3-5 classes over 64 pink images, confidence 0.21-0.43); there plain
         prior images are worse than pink (prune 0.1 + W8: MobileNetV2 0.600 -> 0.512, EfficientNet-Lite0 0.768
         -> 0.736), which answer with a dozen of the 1000 classes, most images in one or two; chosen by the
-        answers (diverse) they are better: pink -> diverse, mean of seeds 0-2, prune 0.1 + W8 MobileNetV2 0.615
-        -> 0.680, EfficientNet-Lite0 0.773 -> 0.793. With BN kept, batch-statistics BN re-normalises the
+        answers (diverse, at lower contrast) they are better: pink -> diverse, mean of seeds 0-2, prune 0.1 + W8
+        MobileNetV2 0.615 -> 0.735, EfficientNet-Lite0 0.773 -> 0.815. With BN kept, batch-statistics BN re-normalises the
         samples at every layer: `auto` is `pink`. This choice is for the pruning statistics: the quantizer's
         input moments of a BN-folded model quantized at 5 bits or fewer are always measured on `prior` images
         (`stats.layer_inputs`, better than pink there on both folded ImageNet exports).
