@@ -255,7 +255,8 @@ def diverse_choice(probabilities: np.ndarray, count: int) -> np.ndarray:
     Why: the folded ImageNet exports answer image-prior noise with a dozen of their 1000 classes, most
     images in one or two; probed on such a batch, the chain statistics describe those few classes'
     features. Spreading the probe over the answers gave folded MobileNetV2 prune 0.1 + W8 0.612 / 0.628 /
-    0.606 -> 0.650 / 0.700 / 0.690 (seeds 0 / 1 / 2; 64 of 128 candidates; pink noise before), see
+    0.606 -> 0.650 / 0.700 / 0.690 (seeds 0 / 1 / 2; 64 of 128 candidates at the prior's contrast; pink noise
+    before), see
     `SampledStatistics` with `synthetic="auto"`.
     """
     classes = probabilities.argmax(axis=1)
@@ -278,8 +279,9 @@ def diverse_prior_images(answers: ClassifierAnswers, count: int, run_batch: int,
                          ) -> Tuple[Optional[List[np.ndarray]], int, int]:
     """(the chosen images in runs of `run_batch`, candidates scored, classes answered among the chosen):
     `count` of `DIVERSE_CANDIDATES * count` seeded image-prior candidates (`image_prior_noise` with contrast
-    drawn from `DIVERSE_CONTRAST`) chosen by `diverse_choice` on the model's answers; (None, candidates, 0) when the model is not a classifier.
-    Memory: the candidates (128 ImageNet-sized images are 77 MB) until the choice, then the chosen."""
+    drawn from `DIVERSE_CONTRAST`) chosen by `diverse_choice` on the model's answers; (None, candidates, 0)
+    when the model is not a classifier. Memory: the candidates (128 ImageNet-sized images are 77 MB) until
+    the choice, then the chosen."""
     shape = (answers.images(DIVERSE_CANDIDATES * count),) + answers.input_shape[1:]
     candidates = list(image_prior_batches(shape, seed=seed, contrast=DIVERSE_CONTRAST, batch=answers.run_batch))
     probabilities = answers.probabilities(candidates)
@@ -288,7 +290,8 @@ def diverse_prior_images(answers: ClassifierAnswers, count: int, run_batch: int,
     chosen = diverse_choice(probabilities, count)
     starts = np.cumsum([0] + [len(c) for c in candidates])
     source = np.searchsorted(starts, chosen, side="right") - 1  # the candidate batch of each chosen image
-    runs = [np.stack([candidates[b][i - starts[b]] for b, i in zip(source[at:at + run_batch], chosen[at:at + run_batch])])
+    runs = [np.stack([candidates[b][i - starts[b]]
+                      for b, i in zip(source[at:at + run_batch], chosen[at:at + run_batch])])
             for at in range(0, len(chosen), run_batch)]
     return runs, shape[0], len(np.unique(probabilities[chosen].argmax(axis=1)))
 
@@ -296,8 +299,9 @@ def diverse_prior_images(answers: ClassifierAnswers, count: int, run_batch: int,
 def resolve_synthetic_inputs(model: onnx.ModelProto, input_name: str, input_shape: Sequence[int], synthetic: str,
                              samples: int, run_batch: int, seed: int = 0
                              ) -> Tuple[str, str, Optional[List[np.ndarray]]]:
-    """(the synthetic images used, how they were chosen (for the statistics' source), the images in runs of
-    `run_batch` where they had to be made to choose them) for the requested `synthetic` inputs:
+    """(the synthetic images used, why or how they were chosen (follows their description in the statistics'
+    source), the images in runs of `run_batch` where they had to be made to choose them) for the requested
+    `synthetic` inputs:
 
     - "pink", "prior": as asked;
     - "diverse": `samples` image-prior images chosen by the model's answers (`diverse_prior_images`), plain
@@ -320,10 +324,10 @@ def resolve_synthetic_inputs(model: onnx.ModelProto, input_name: str, input_shap
             if pink is None:
                 return "pink", "", None
             if saturated(pink):
-                return "prior", "pink noise saturates the classifier (one class for every image), so ", None
+                return "prior", ", as pink noise saturates the classifier (one class for every image),", None
         runs, candidates, classes = diverse_prior_images(answers, samples, run_batch, seed)
         if runs is None:
-            return "prior", "the model's first output is not class scores (no choice by its answers), so ", None
+            return "prior", ", unchosen as the model's first output is not class scores,", None
         return "diverse", (f" chosen from {candidates} by the model's answers (one per predicted class in turn, "
                            f"most confident first: {classes} classes)"), runs
     finally:
@@ -689,11 +693,8 @@ class SampledStatistics(AnalyticStatistics):
         contrast = "contrast in [%g, %g]" % DIVERSE_CONTRAST if self.synthetic == "diverse" else "contrast"
         images = ("synthetic pink-noise images" if self.synthetic == "pink" else
                   f"synthetic image-prior images (random spectral exponent, {contrast} and brightness per image)")
-        if self.synthetic == "diverse":
-            self.source = f"{self.label}channel covariances from {samples} {images}{how} pushed through the model "
-        else:
-            self.source = f"{self.label}{how}channel covariances from {samples} {images} pushed through the model "
-        self.source = (self.source + f"with every BN normalising by its batch statistics (seed {seed}); "
+        self.source = (f"{self.label}channel covariances from {samples} {images}{how} pushed through the model "
+                       f"with every BN normalising by its batch statistics (seed {seed}); "
                        + (f"{len(self._pooled)} chain(s) read through a global pool selected on the pooled vectors' "
                           "covariance; " if self._pooled else "")
                        + analytic)
