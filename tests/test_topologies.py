@@ -106,6 +106,7 @@ def test_folded_bn_model_uses_synthetic_samples_and_moment_propagation():
     out, report, err = compress_and_check(model, prune=0.3, bits=6, synthetic_inputs="pink")
     source = report.statistics_source
     assert "pink-noise" in source and "moment propagation" in source and "BatchNormalization" not in source
+    assert "BN normalising" not in source  # the folded model has none
     assert any(l.get("channels_after", 99) < l.get("channels_before", 0) for l in report.layers)
     assert err < 0.5
 
@@ -114,6 +115,7 @@ def test_bn_model_says_statistics_come_from_bn():
     _, report = compress(plain_chain(), prune=0.3, bits=6, validate=False)
     source = report.statistics_source
     assert "BatchNormalization priors" in source and source.startswith("average of the analytic")
+    assert "every BN normalising by its batch statistics" in source
     _, analytic = compress(plain_chain(), prune=0.3, bits=6, validate=False, statistics="analytic")
     assert "pink-noise" not in analytic.statistics_source
 

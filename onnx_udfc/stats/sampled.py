@@ -683,6 +683,8 @@ class SampledStatistics(AnalyticStatistics):
             name = chain.last_stage.output
             if gram_shapes.get(name) is None:
                 gram_shapes[name] = probed_shape(chain, shapes)
+        batch_statistics = batch_norm == "batch" and any(n.op_type == "BatchNormalization"
+                                                         for n in original.graph.node)
         handed_over = [original]
         del original
         self._measured = measure_channel_moments(handed_over, names, orig_shapes, gram_shapes, batches, input_name,
@@ -693,8 +695,9 @@ class SampledStatistics(AnalyticStatistics):
         contrast = "contrast in [%g, %g]" % DIVERSE_CONTRAST if self.synthetic == "diverse" else "contrast"
         images = ("synthetic pink-noise images" if self.synthetic == "pink" else
                   f"synthetic image-prior images (random spectral exponent, {contrast} and brightness per image)")
-        self.source = (f"{self.label}channel covariances from {samples} {images}{how} pushed through the model "
-                       f"with every BN normalising by its batch statistics (seed {seed}); "
+        normalising = " with every BN normalising by its batch statistics" if batch_statistics else ""
+        self.source = (f"{self.label}channel covariances from {samples} {images}{how} pushed through the model"
+                       f"{normalising} (seed {seed}); "
                        + (f"{len(self._pooled)} chain(s) read through a global pool selected on the pooled vectors' "
                           "covariance; " if self._pooled else "")
                        + analytic)
