@@ -256,8 +256,7 @@ def diverse_choice(probabilities: np.ndarray, count: int) -> np.ndarray:
     images in one or two; probed on such a batch, the chain statistics describe those few classes'
     features. Spreading the probe over the answers gave folded MobileNetV2 prune 0.1 + W8 0.612 / 0.628 /
     0.606 -> 0.650 / 0.700 / 0.690 (seeds 0 / 1 / 2; 64 of 128 candidates at the prior's contrast; pink noise
-    before), see
-    `SampledStatistics` with `synthetic="auto"`.
+    before), see `resolve_synthetic_inputs`.
     """
     classes = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
