@@ -85,3 +85,19 @@ def test_unobserved_variance_floor_only_on_chains_without_bn_prior(monkeypatch):
         assert plain != floored and notes and not no_notes
     bn_kept = plain_chain(seed=3)
     assert compressed(bn_kept, 0.0) == compressed(bn_kept, 1.0)
+
+
+def test_report_warns_when_pruned_chains_have_no_bn_statistics():
+    """Pruning a model whose BN was folded at export leaves a note (the validation's synthetic inputs cannot
+    show what real data loses there); BN kept, or quantization alone, leaves none."""
+    from builders import fold_all_batchnorm
+
+    def notes(model, **kw):
+        _, report = compress(onnx.load_from_string(model.SerializeToString()), validate=False, **kw)
+        return [n for n in report.notes if "no BN statistics" in n]
+
+    folded = fold_all_batchnorm(plain_chain(seed=3))
+    warned = notes(folded, prune=0.3, bits=32)
+    assert len(warned) == 1 and warned[0].startswith("2 of 2 pruned chain(s)"), warned
+    assert notes(plain_chain(seed=3), prune=0.3, bits=32) == []
+    assert notes(folded, bits=6) == []

@@ -59,6 +59,8 @@ class Report:
             lines.append(f"{layer['name'][:32]:32} {layer['op'][:6]:6} {ch:>11} {str(bits):>4}  {decision}")
         if self.validation:
             lines.append("")
+            lines.append("validation on seeded synthetic inputs (how close the outputs stay on them, not the accuracy "
+                         "on real data):")
             for name, m in self.validation.get("outputs", {}).items():
                 extra = f" top1-agreement {m['top1_agreement']:.3f}" if "top1_agreement" in m else ""
                 lines.append(f"output {name}: rel-L2 {m['rel_l2_error']:.4g} max-abs {m['max_abs_error']:.4g} "
