@@ -19,6 +19,7 @@ from .passes.base import PassContext, PassManager
 from .passes.compress import CleanupPass, CompressLayersPass, StatisticsPass
 from .passes.fold_bn import FoldBatchNormPass
 from .passes.normalize import NormalizeGraphPass
+from .passes.prune import has_bn_prior
 from .report.metrics import at_batch_one, count_macs, count_params
 from .report.report import ModelSize, Report
 
@@ -178,7 +179,7 @@ def _note_pruning_without_bn_statistics(ctx: PassContext) -> None:
         return record.get("channels_after", 0) < record.get("channels_before", 0)
 
     pruned = [c for c in ctx.chains if removed_channels(c)]
-    without = [c for c in pruned if c.producer.output[0] not in ctx.priors]
+    without = [c for c in pruned if not has_bn_prior(ctx, c)]
     if not without:
         return
     note = (f"{len(without)} of {len(pruned)} pruned chain(s) have no BN statistics (BN folded at export): their "
