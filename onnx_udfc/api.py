@@ -150,13 +150,18 @@ def _check_run_flags(opts: Options, max_rel_error: Optional[float]) -> None:
         raise UsageError(f"--max-rel-error must be a finite number >= 0, got {max_rel_error}")
 
 
+def _channels_removed(record: dict) -> bool:
+    """Whether a layer's report record says pruning removed some of its output channels."""
+    return record.get("channels_after", 0) < record.get("channels_before", 0)
+
+
 def _note_pruning_without_effect(ctx: PassContext) -> None:
     """Pruning was asked but removed nothing: say why in the report notes and as one warning line."""
     if ctx.options.prune <= 0:
         return
     if not ctx.chains:
         note = "no prunable chain; pruning skipped (" + _rejection_summary(ctx) + ")"
-    elif not any(r.get("channels_after", 0) < r.get("channels_before", 0) for r in ctx.layers.values()):
+    elif not any(_channels_removed(r) for r in ctx.layers.values()):
         note = (f"--prune {ctx.options.prune} removed no channel from the {len(ctx.chains)} prunable chain(s); "
                 "see each layer's 'skipped' reason")
     else:
@@ -174,11 +179,7 @@ def _note_pruning_without_bn_statistics(ctx: PassContext) -> None:
     images, 0.51 on the real images (top-1 agreement 0.12); the same model exported with BN kept keeps 0.67
     (`benchmarks/README.md`, "What the validation can tell").
     """
-    def removed_channels(chain) -> bool:
-        record = ctx.layers.get(chain.producer.name or chain.producer.output[0], {})
-        return record.get("channels_after", 0) < record.get("channels_before", 0)
-
-    pruned = [c for c in ctx.chains if removed_channels(c)]
+    pruned = [c for c in ctx.chains if _channels_removed(ctx.layers.get(c.producer.name or c.producer.output[0], {}))]
     without = [c for c in pruned if not has_bn_prior(ctx, c)]
     if not without:
         return
