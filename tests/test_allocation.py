@@ -10,7 +10,8 @@ from onnx_udfc.numerics.selection import (BackwardGreedy, aligned_removal, alloc
                                          greedy_removal_order)
 from onnx_udfc.passes.allocate import AlignedSteps, removal_cap
 
-from builders import ModelBuilder, depthwise_block, plain_chain, random_input, rel_error, run
+from builders import (ModelBuilder, calibrate_batchnorm, conv_bn_relu, depthwise_block, plain_chain, random_input,
+                      rel_error, run)
 
 
 class CurveState:
@@ -160,3 +161,77 @@ def test_a_large_multiple_falls_back_to_8_on_narrow_chains():
     _, report = compress(model, prune=0.3, channel_multiple=16, validate=False)
     widths = [l["channels_after"] for l in report.layers if l.get("channels_before", 0) >= 32]
     assert widths and all(w % 8 == 0 for w in widths), widths
+
+
+class _Moments:
+    def __init__(self, variances):
+        self.variances = variances
+
+    def tensor_moments(self, tensor):
+        v = self.variances.get(tensor)
+        return None if v is None else (np.zeros(len(v)), np.asarray(v, dtype=np.float64))
+
+
+def _share(nodes, variances, consumer_output="y"):
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from onnx_udfc.ir.graph import Graph
+    from onnx_udfc.passes.allocate import residual_share
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 2])
+                                           for n in ("x", "skip", "other")],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)])
+    g = Graph(helper.make_model(graph))
+    consumer = g.producer_of(consumer_output)
+    return residual_share(SimpleNamespace(graph=g, stats=_Moments(variances)), consumer)
+
+
+def test_residual_share_is_the_branch_share_of_the_sum_variance():
+    from onnx import helper
+
+    conv = helper.make_node("Identity", ["x"], ["y"])
+    add = helper.make_node("Add", ["y", "skip"], ["s"])
+    share = _share([conv, add], {"y": [1.0, 4.0, 0.0, 2.0], "s": [2.0, 5.0, 3.0, 1.0]})
+    np.testing.assert_allclose(share, [0.5, 0.8, 1e-3, 1.0])  # floored at MIN_RESIDUAL_SHARE, capped at 1
+    # no residual sum, or the output read twice, or moments unknown: no share
+    relu = helper.make_node("Relu", ["y"], ["s"])
+    assert _share([conv, relu], {"y": [1.0], "s": [1.0]}) is None
+    second = helper.make_node("Add", ["y", "other"], ["t"])
+    assert _share([conv, add, second], {"y": [1.0], "s": [2.0], "t": [2.0]}) is None
+    assert _share([conv, add], {"y": [1.0, 1.0]}) is None
+
+
+def branch_beside_a_strong_skip_model():
+    """stem -> [chain A: conv-bn-relu -> conv-bn] + skip (1x1 conv-bn, gamma x 10) -> relu -> chain B
+    (conv-bn-relu -> conv) -> GAP -> Gemm (chain C): chain A's consumer output is a small part of the residual sum.
+    Returns (model, name of chain A's consumer node)."""
+    from onnx import numpy_helper
+
+    b = ModelBuilder((1, 3, 12, 12), seed=3)
+    stem = conv_bn_relu(b, "input", 16)
+    branch_conv = b.conv(conv_bn_relu(b, stem, 16), 16, bias=False)
+    skip = b.bn(b.conv(stem, 16, k=1, bias=False))
+    x = b.relu(b.add(skip, b.bn(branch_conv)))
+    y = b.gemm(b.gap_flatten(b.conv(conv_bn_relu(b, x, 16), 16)), 10)
+    model = calibrate_batchnorm(b.build(y))
+    inits = {t.name: t for t in model.graph.initializer}
+    skip_bn = next(n for n in model.graph.node if n.output[0] == skip)
+    gamma = inits[skip_bn.input[1]]
+    gamma.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(gamma) * 10.0, gamma.name))
+    return model, branch_conv + "_node"
+
+
+def test_residual_share_moves_removals_to_the_branch_beside_a_strong_skip():
+    model, branch_consumer = branch_beside_a_strong_skip_model()
+    removed = {}
+    for share in (False, True):
+        _, report = compress(model, channel_multiple=1, prune=0.3, residual_share=share, validate=False)
+        removed[share] = {l["consumer"]: l["channels_before"] - l["channels_after"]
+                          for l in report.layers if "channels_before" in l}
+    assert branch_consumer in removed[True], removed
+    assert sum(removed[True].values()) == sum(removed[False].values()) > 0
+    # priced against the sum, whose variance is mostly the skip's, the branch takes the budget up to its cap
+    assert removed[True][branch_consumer] > removed[False][branch_consumer]
+    assert removed[True][branch_consumer] == int(np.floor(removal_cap(0.3) * 16))

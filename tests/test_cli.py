@@ -306,6 +306,24 @@ def test_no_merge_blend_reaches_the_folded_chains(tmp_path):
     assert outputs[True] != outputs[False]
 
 
+def test_no_residual_share_reaches_the_allocation(tmp_path):
+    from test_allocation import branch_beside_a_strong_skip_model
+
+    model, branch_consumer = branch_beside_a_strong_skip_model()
+    path = tmp_path / "residual.onnx"
+    onnx.save(model, str(path))
+    removed = {}
+    for flag in ([], ["--no-residual-share"]):
+        rep = tmp_path / f"r{len(flag)}.json"
+        assert main([str(path), str(tmp_path / f"o{len(flag)}.onnx"), "--prune", "0.3", "--channel-multiple", "1",
+                     "--no-validate", "-q", "--report", str(rep), *flag]) == 0
+        report = json.loads(rep.read_text())
+        assert report["options"]["residual_share"] is not bool(flag)
+        removed[bool(flag)] = next(l["channels_before"] - l["channels_after"] for l in report["layers"]
+                                   if l.get("consumer") == branch_consumer)
+    assert removed[False] > removed[True]
+
+
 def test_dynamic_spatial_dims_need_input_shape(tmp_path):
     model = plain_chain()
     dims = model.graph.input[0].type.tensor_type.shape.dim
