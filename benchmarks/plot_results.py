@@ -6,7 +6,8 @@ Reads every JSON file in --results whose rows follow the schema of `fmnist_accur
 `imagenet_accuracy.py` (a list of rows with model, method, prune, bits, top1, agreement, macs_ratio,
 bytes_ratio; `imagenet_*.json`, `fmnist_*.json`); other files (speed, latency) are skipped, and so are rows
 with an error. Identical cells found in several files are drawn once (the first file's) in the per-model
-plots; the headline takes its cells from the files the README's tables cite (`HEADLINE_*_SOURCES`).
+plots, the grids of the current code (`CURRENT_SOURCES`) first; the headline takes its cells from the files the
+README's tables cite (`HEADLINE_*_SOURCES`).
 
 Writes `<model>.png` for every model: a 2 x 2 grid, top-1 and top-1 agreement with the original against
 the MACs ratio and the file bytes ratio, one colour and marker per method (points of one method and bit
@@ -63,10 +64,19 @@ def load_rows(results_dir: str) -> List[dict]:
     return rows
 
 
-def unique_cells(rows: Sequence[dict]) -> List[dict]:
-    """Duplicates (same cell and options, from several files) once: the first file's row."""
+#: grids run with the current code: in the per-model plots their rows win a cell over older files' rows
+#: (the first listed first); cells they do not hold come from the other files, the first file by name winning
+CURRENT_SOURCES = ("imagenet_grid_current_bn.json", "imagenet_grid_current_folded.json",
+                   "fmnist_grid_residual_share.json", "imagenet_residual_share.json",
+                   "imagenet_residual_share_p24.json")
+
+
+def unique_cells(rows: Sequence[dict], current: Sequence[str] = CURRENT_SOURCES) -> List[dict]:
+    """Duplicates (same cell and options, from several files) once: the row of the first file of `current`
+    that has the cell, else the first file's by name."""
+    rank = {name: k for k, name in enumerate(current)}
     seen: Dict[tuple, dict] = OrderedDict()
-    for row in rows:
+    for row in sorted(rows, key=lambda r: rank.get(r["source"], len(rank))):  # stable: file order otherwise
         key = (row["model"], row["method"], float(row["prune"]), int(row["bits"]), row.get("select", ""),
                json.dumps(row.get("options", {}), sort_keys=True))
         seen.setdefault(key, row)
@@ -175,9 +185,9 @@ HEADLINE_IMAGENET_MODELS = ("mobilenetv2_bn", "efficientnet_lite0_bn")
 #: (file names do not sort by date: fmnist_samples64_methods.json holds the folded rows before the merge blend)
 HEADLINE_FMNIST_SOURCES = ("fmnist_samples64_methods.json", "fmnist_merge_blend.json", "fmnist_hourglass.json",
                            "fmnist_grid_folded_pooled.json", "fmnist_grid_folded_current.json",
-                           "fmnist_grid_folded_sqrt.json")
+                           "fmnist_grid_folded_sqrt.json", "fmnist_grid_residual_share.json")
 #: the same for the ImageNet panel (quantization rows, then pruning rows with 64 synthetic images)
-HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json")
+HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json", "imagenet_grid_current_bn.json")
 
 
 def _latest(rows: Sequence[dict], sources: Sequence[str] = ()) -> List[dict]:

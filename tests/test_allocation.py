@@ -230,6 +230,10 @@ def test_residual_share_moves_removals_to_the_branch_beside_a_strong_skip():
         _, report = compress(model, channel_multiple=1, prune=0.3, residual_share=share, validate=False)
         removed[share] = {l["consumer"]: l["channels_before"] - l["channels_after"]
                           for l in report.layers if "channels_before" in l}
+        shares = {l["consumer"]: l.get("residual_share") for l in report.layers if "channels_before" in l}
+        # the report gives the branch's mean share (about 1 / (1 + 100) with the skip's gamma x 10), only there
+        assert [c for c, v in shares.items() if v is not None] == ([branch_consumer] if share else [])
+        assert not share or 0 < shares[branch_consumer] < 0.1
     assert branch_consumer in removed[True], removed
     assert sum(removed[True].values()) == sum(removed[False].values()) > 0
     # priced against the sum, whose variance is mostly the skip's, the branch takes the budget up to its cap

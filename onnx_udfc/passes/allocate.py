@@ -115,6 +115,8 @@ def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[Ba
     share = residual_share(ctx, chain.consumer) if ctx.options.residual_share else None
     if share is not None and share.shape[0] != v_taps.shape[0]:
         share = None
+    if share is not None:  # in the report: the mean share of the residual sum this chain's errors are priced against
+        ctx.layer(chain.producer)["residual_share"] = round(float(share.mean()), 3)
     gram = normalised_gram(error_taps(v_taps, consumer_tap_weights(ctx, consumer)), statistics[1], share)
     return BackwardGreedy(statistics[1], gram, max_remove, ridge=ctx.options.selection_ridge)
 
