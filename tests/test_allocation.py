@@ -203,6 +203,25 @@ def test_residual_share_is_the_branch_share_of_the_sum_variance():
     assert _share([conv, add], {"y": [1.0, 1.0]}) is None
 
 
+def test_residual_share_after_a_relu_on_the_sum_counts_the_error_that_passes_it():
+    """Post-activation ResNet: s = y + skip is read by a ReLU. A small error in s reaches relu(s) where s > 0
+    (P = 1/2 for a zero-mean s), against Var[relu(s)] = (1/2 - 1/(2 pi)) Var[s]."""
+    from onnx import helper
+
+    conv = helper.make_node("Identity", ["x"], ["y"])
+    add = helper.make_node("Add", ["y", "skip"], ["s"])
+    relu = helper.make_node("Relu", ["s"], ["r"])
+    var_y, var_s = np.array([1.0, 4.0, 1.0]), np.array([2.0, 20.0, 1.0])
+    share = _share([conv, add, relu], {"y": var_y, "s": var_s})
+    expected = np.minimum(var_y * 0.5 / ((0.5 - 0.5 / np.pi) * var_s), 1.0)
+    np.testing.assert_allclose(share, expected, rtol=1e-9)
+    assert share[0] > 1.0 / 2.0  # more than the share of the sum's variance: the ReLU halves the error less
+    # than it shrinks the variance
+    # a sum read by more than the activation: the share of the sum's variance, as without one
+    other = helper.make_node("Identity", ["s"], ["t"])
+    np.testing.assert_allclose(_share([conv, add, relu, other], {"y": var_y, "s": var_s}), var_y / var_s)
+
+
 def branch_beside_a_strong_skip_model():
     """stem -> [chain A: conv-bn-relu -> conv-bn] + skip (1x1 conv-bn, gamma x 10) -> relu -> chain B
     (conv-bn-relu -> conv) -> GAP -> Gemm (chain C): chain A's consumer output is a small part of the residual sum.

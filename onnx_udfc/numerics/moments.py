@@ -6,6 +6,7 @@ and the activation ``a_i = f(z_i)``.
 * :func:`gaussian_activation_moments`: ``E[a_i]``, ``Var[a_i]``. Exact closed forms for every
   piecewise-polynomial activation (identity, relu, clip, leakyrelu, hardsigmoid, hardswish), e.g.
   ``E[relu(u)] = mu Phi(t) + s phi(t)``, ``t = mu/s``; quadrature for sigmoid and silu.
+* :func:`gaussian_slope_power`: ``E[f'(z_i)^2]``, the gain of a small independent error through f.
 * :func:`hermite_coefficients`: ``c_ik = E[f(z_i) He_k(xi_i)]``.
 * :func:`activation_covariance`: Mehler expansion. If ``corr(xi_i, xi_j) = r``,
   ``Cov(a_i, a_j) = sum_{k>=1} c_ik c_jk r^k / k!``. The series is truncated at ``order``;
@@ -94,6 +95,44 @@ def gaussian_activation_moments(mu, sigma, act: Activation) -> tuple[np.ndarray,
 
 _RELU = Activation("relu")
 _IDENTITY = Activation("identity")
+
+
+def gaussian_slope_power(mu, sigma, act: Activation) -> np.ndarray:
+    """``E[f'(u)^2]``, ``u ~ N(mu, sigma^2)``, per channel: (N,) float64.
+
+    The gain of a small error ``e`` independent of ``u`` through the activation:
+    ``E[(f(u + e) - f(u))^2] ~= E[f'(u)^2] E[e^2]``. Piecewise-linear activations (identity, relu, clip,
+    leakyrelu, prelu, hardsigmoid, hardswish) exactly, piece by piece from the truncated normal's moments
+    (``sum_p slope_p^2 P(u in piece p)`` where the pieces are linear); sigmoid and silu by the quadrature rule
+    with a central difference. sigma == 0 gives ``f'(mu)^2``.
+    """
+    mu, sigma, s, degenerate = _prepare(mu, sigma)
+    h = 1e-5 * (1.0 + np.abs(mu))
+    at_mu = ((act.apply(mu + h) - act.apply(mu - h)) / (2.0 * h)) ** 2
+    if act.kind == "prelu":
+        a = act.channel_slopes
+        power = a * a * _gauss.ndtr(-mu / s) + _gauss.ndtr(mu / s)
+    elif act.is_piecewise:
+        # on piece p, f'(mu + s xi) = A + B xi with A = e1 + 2 e2 mu, B = 2 e2 s; over xi in [a, b]:
+        # E[(A + B xi)^2 1] = A^2 M0 + 2 A B M1 + B^2 M2, M0 = Phi(b) - Phi(a), M1 = phi(a) - phi(b),
+        # M2 = M0 + a phi(a) - b phi(b)
+        breaks, coefs = act.pieces()
+        edges = _gauss._edges(mu, s, breaks)  # (N, P + 1), clamped where phi vanishes
+        lo, hi = edges[:, :-1], edges[:, 1:]
+        m0 = _gauss._mass(lo, hi)
+        phi_lo, phi_hi = _gauss.phi(lo), _gauss.phi(hi)
+        m1 = phi_lo - phi_hi
+        m2 = m0 + lo * phi_lo - hi * phi_hi
+        a_ = coefs[None, :, 1] + 2.0 * coefs[None, :, 2] * mu[:, None]
+        b_ = 2.0 * coefs[None, :, 2] * s[:, None]
+        power = np.sum(a_ * a_ * m0 + 2.0 * a_ * b_ * m1 + b_ * b_ * m2, axis=1)
+    else:
+        nodes, weights = _gauss.quadrature_rule(mu, s)
+        u = mu[:, None] + s[:, None] * nodes
+        step = 1e-5 * (1.0 + np.abs(u))
+        slope = (act.apply(u + step) - act.apply(u - step)) / (2.0 * step)
+        power = np.sum(weights * slope * slope, axis=1)
+    return np.where(degenerate, at_mu, power)
 
 
 def _prelu_moments(mu, sigma, act: Activation) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ from scipy import integrate, special
 
 from onnx_udfc.numerics.activations import Activation
 from onnx_udfc.numerics.moments import (_row_blocks, _store_lower_block, activation_covariance,
-                                        gaussian_activation_moments, hermite_coefficients, lagged_activation_covariance,
-                                        tapped_activation_covariance)
+                                        gaussian_activation_moments, gaussian_slope_power, hermite_coefficients,
+                                        lagged_activation_covariance, tapped_activation_covariance)
 
 ACTS = [
     Activation("identity"),
@@ -46,6 +46,36 @@ def test_moments_match_quadrature(act):
         v_ref = _quad(lambda x: (f(x) - m_ref) ** 2, MU[i], SIGMA[i])
         assert mean[i] == pytest.approx(m_ref, rel=1e-7, abs=1e-10)
         assert var[i] == pytest.approx(v_ref, rel=1e-6, abs=1e-12)
+
+
+PRELU = Activation("prelu", slopes=tuple(np.linspace(-0.5, 0.5, MU.size)))
+
+
+def _channel_function(act, i):
+    """f of channel i as a function of float64 arrays (PRelu with its own slope)."""
+    if act.kind == "prelu":
+        a = act.channel_slopes[i]
+        return lambda x: np.where(np.asarray(x) > 0, x, a * np.asarray(x))
+    return lambda x: act.apply(np.asarray(x, dtype=np.float64))
+
+
+@pytest.mark.parametrize("act", ACTS + [PRELU], ids=IDS + ["prelu"])
+def test_slope_power_matches_quadrature_and_the_error_gain(act):
+    """E[f'(u)^2] against quadrature of the squared slope, and against what it stands for: the mean square
+    change of f(u) under a small independent error e, divided by E[e^2] (Monte Carlo)."""
+    power = gaussian_slope_power(MU, SIGMA, act)
+    rng = np.random.default_rng(5)
+    h = 1e-6
+    for i in range(MU.size):
+        f = _channel_function(act, i)
+        ref = _quad(lambda x: ((f(x + h) - f(x - h)) / (2.0 * h)) ** 2, MU[i], SIGMA[i])
+        assert power[i] == pytest.approx(ref, rel=1e-5, abs=1e-9), i
+        u = MU[i] + SIGMA[i] * rng.standard_normal(200_000)
+        e = 1e-3 * SIGMA[i] * rng.standard_normal(u.size)
+        gain = np.mean((f(u + e) - f(u)) ** 2) / np.mean(e ** 2)
+        assert power[i] == pytest.approx(gain, rel=0.03, abs=2e-3), i
+    # a point mass: the squared slope at the mean
+    np.testing.assert_allclose(gaussian_slope_power(np.array([1.0, -1.0]), np.zeros(2), Activation("relu")), [1.0, 0.0])
 
 
 @pytest.mark.parametrize("act", ACTS, ids=IDS)
