@@ -118,7 +118,7 @@ def _through_activation(ctx: PassContext, total: str, mean_s: np.ndarray, var_s:
 
     Fashion-MNIST ResNet-20 (ReLU after every sum), udfc + W6, prune 0.1 / 0.3 / 0.5, top-1 with the share
     taken before -> after the ReLU: BN kept 0.9232 / 0.9132 / 0.8331 -> 0.9245 / 0.9178 / 0.8331, BN folded
-    0.9113 / 0.7599 / 0.4011 -> 0.9082 / 0.8229 / 0.3848 (`benchmarks/README.md`, "Residual share").
+    0.9113 / 0.7599 / 0.4011 -> 0.9173 / 0.8099 / 0.4130 (`benchmarks/README.md`, "Residual share").
     """
     readers = ctx.graph.uses(total)
     if len(readers) != 1 or mean_s.shape != var_s.shape:
