@@ -53,6 +53,12 @@ def removal_cap(prune: float) -> float:
     return min(0.9, max(prune, 2.0 * prune + 0.1))
 
 
+def floored_variance(var: np.ndarray) -> np.ndarray:
+    """(M,) per-channel variances floored at 1e-3 of their mean, so that dead channels do not dominate a
+    per-channel relative error."""
+    return np.maximum(var, 1e-3 * max(float(np.mean(var)), 1e-30))
+
+
 def normalised_gram(v_taps: np.ndarray, cov: np.ndarray, share: Optional[np.ndarray] = None) -> np.ndarray:
     """``G = sum_t V_t^T diag(share / (M Var[y])) V_t``, (N, N): consumer Gram with output channels whitened.
 
@@ -65,8 +71,7 @@ def normalised_gram(v_taps: np.ndarray, cov: np.ndarray, share: Optional[np.ndar
     m, n, t = v_taps.shape
     rows = np.ascontiguousarray(v_taps.transpose(0, 2, 1)).reshape(m * t, n)
     var_y = np.einsum("rn,rn->r", rows @ cov, rows).reshape(m, t).sum(axis=1)
-    floor = 1e-3 * max(float(np.mean(var_y)), 1e-30)
-    weight = 1.0 / (m * np.maximum(var_y, floor))
+    weight = 1.0 / (m * floored_variance(var_y))
     if share is not None:
         weight *= share
     return (rows.T * np.repeat(weight, t)) @ rows
@@ -132,8 +137,7 @@ def _through_activation(ctx: PassContext, total: str, mean_s: np.ndarray, var_s:
     _, var_f = gaussian_activation_moments(mean_s, sd, act)
     # a channel the activation silences (a ReLU on an always-negative sum) passes no error: its variance is
     # floored as in `normalised_gram`, so that its gain, not the ratio of two vanishing numbers, decides
-    floor = 1e-3 * max(float(np.mean(var_f)), 1e-30)
-    return gaussian_slope_power(mean_s, sd, act), np.maximum(var_f, floor)
+    return gaussian_slope_power(mean_s, sd, act), floored_variance(var_f)
 
 
 def chain_greedy(ctx: PassContext, chain: Chain, max_remove: int) -> Optional[BackwardGreedy]:
