@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="auto",
                    help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise), prior (1/f^e "
-                        "noise with random exponent, contrast and brightness per image), diverse (low-contrast prior images chosen "
+                        "noise with random exponent, low contrast and brightness per image), diverse (prior images chosen "
                         "from twice as many so that the model's answers spread over its classes), or auto: for a "
                         "BN-folded classifier prior if pink noise saturates it (one confident class for every "
                         "image), else diverse; pink otherwise (default auto)")

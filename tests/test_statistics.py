@@ -124,6 +124,29 @@ def test_auto_synthetic_inputs_take_the_prior_where_pink_noise_saturates_the_cla
         assert "saturates" not in outputs[expected][1].statistics_source  # explicit: no check
 
 
+def test_pruning_probe_takes_prior_images_at_the_probe_contrast():
+    """`synthetic_inputs="prior"`: the chain statistics are the moments of image-prior samples at
+    `PROBE_CONTRAST` (the quantizer-input probe keeps `PRIOR_CONTRAST`, see
+    `test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs`), and the report says so."""
+    from builders import fold_all_batchnorm
+
+    from onnx_udfc.stats.sampled import PRIOR_CONTRAST, PROBE_CONTRAST
+
+    assert PROBE_CONTRAST[1] < PRIOR_CONTRAST[1]
+    folded = fold_all_batchnorm(plain_chain(seed=7))
+    ctx = prepared(onnx.load_from_string(folded.SerializeToString()), prune=0.3, statistics="synthetic",
+                   synthetic_inputs="prior", samples=16)
+    assert "contrast in [%g, %g]" % PROBE_CONTRAST in ctx.stats.source
+    chain = ctx.chains[0]
+    mean, cov = ctx.stats.chain_statistics(chain)
+    for contrast, same in ((PROBE_CONTRAST, True), (PRIOR_CONTRAST, False)):
+        x = image_prior_noise((16, 3, 16, 16), seed=0, contrast=contrast)
+        real_mean, real_cov = measured_chain_stats(folded, chain, x)
+        scale = np.abs(real_cov).max()
+        assert np.allclose(cov, real_cov, rtol=0.05, atol=0.01 * scale) == same
+        assert np.allclose(mean, real_mean, rtol=1e-3, atol=1e-4 * np.abs(real_mean).max()) == same
+
+
 def _reference_diverse_choice(probabilities, count):
     """`diverse_choice` spelled out: rounds over the classes, each class's next most confident image."""
     confidence, classes = probabilities.max(axis=1), probabilities.argmax(axis=1)

@@ -174,12 +174,17 @@ SATURATION_IMAGES = 16
 SATURATION_CONFIDENCE = 0.9
 #: image-prior candidates scored per probe image of the "diverse" inputs (`diverse_choice`)
 DIVERSE_CANDIDATES = 2
-#: per-image contrast range of the diverse inputs' candidates (the prior's own is `PRIOR_CONTRAST`). Folded
-#: ImageNet exports, udfc prune 0.1 + W8, mean of seeds 0-2, contrast (0.3, 1) / (0.15, 0.6) / (0.05, 0.4):
-#: MobileNetV2 0.680 / 0.735 / 0.740, EfficientNet-Lite0 0.793 / 0.815 / 0.802 ((0.3, 2): 0.659 / 0.753);
-#: prune 0.3 0.091 / 0.101 and 0.179 / 0.189 with (0.15, 0.6). The folded Fashion-MNIST models, which keep
-#: plain prior images, lose with it at prune 0.3 (ResNet-20 W6 0.800 -> 0.736) and gain at 0.5
-DIVERSE_CONTRAST = (0.15, 0.6)
+#: per-image contrast range of the pruning probe's image-prior images (`prior`, and the `diverse` inputs'
+#: candidates); the quantizer-input probe (`stats.layer_inputs`) keeps the prior's own `PRIOR_CONTRAST`.
+#: Folded ImageNet exports (diverse), udfc prune 0.1 + W8, mean of seeds 0-2, contrast (0.3, 1) / (0.15, 0.6) /
+#: (0.05, 0.4): MobileNetV2 0.680 / 0.735 / 0.740, EfficientNet-Lite0 0.793 / 0.815 / 0.802 ((0.3, 2): 0.659 /
+#: 0.753); prune 0.3 0.091 / 0.101 and 0.179 / 0.189 with (0.15, 0.6). Folded Fashion-MNIST exports (prior),
+#: udfc W6, mean of seeds 0-2, prune 0.1 / 0.3 / 0.5, contrast (0.3, 1) -> (0.15, 0.6): VGG 0.921 / 0.898 /
+#: 0.582 -> 0.923 / 0.888 / 0.616, small VGG 0.913 / 0.879 / 0.396 -> 0.914 / 0.880 / 0.456, hourglass 0.908 /
+#: 0.852 / 0.568 -> 0.905 / 0.877 / 0.502, ResNet-20 0.916 / 0.827 / 0.421 -> 0.919 / 0.880 / 0.624 (2.4
+#: points more on average; (0.1, 0.4) and (0.05, 0.3) no better). The quantizer-input probe at (0.15, 0.6):
+#: folded EfficientNet-Lite0 W4 0.841 -> 0.826 (seeds 0-2), so it keeps the prior's.
+PROBE_CONTRAST = (0.15, 0.6)
 
 
 class ClassifierAnswers:
@@ -278,11 +283,11 @@ def diverse_prior_images(answers: ClassifierAnswers, count: int, run_batch: int,
                          ) -> Tuple[Optional[List[np.ndarray]], int, int]:
     """(the chosen images in runs of `run_batch`, candidates scored, classes answered among the chosen):
     `count` of `DIVERSE_CANDIDATES * count` seeded image-prior candidates (`image_prior_noise` with contrast
-    drawn from `DIVERSE_CONTRAST`) chosen by `diverse_choice` on the model's answers; (None, candidates, 0)
+    drawn from `PROBE_CONTRAST`) chosen by `diverse_choice` on the model's answers; (None, candidates, 0)
     when the model is not a classifier. Memory: the candidates (128 ImageNet-sized images are 77 MB) until
     the choice, then the chosen."""
     shape = (answers.images(DIVERSE_CANDIDATES * count),) + answers.input_shape[1:]
-    candidates = list(image_prior_batches(shape, seed=seed, contrast=DIVERSE_CONTRAST, batch=answers.run_batch))
+    candidates = list(image_prior_batches(shape, seed=seed, contrast=PROBE_CONTRAST, batch=answers.run_batch))
     probabilities = answers.probabilities(candidates)
     if probabilities is None:
         return None, shape[0], 0
@@ -309,10 +314,11 @@ def resolve_synthetic_inputs(model: onnx.ModelProto, input_name: str, input_shap
       Fashion-MNIST exports), else "diverse" for a classifier (the ImageNet exports), else "pink".
 
     Measured (udfc, mean of seeds 0-2; `benchmarks/README.md`): the folded ImageNet exports at prune 0.1 + W8
-    with pink noise / diverse (contrast as the prior's) / diverse (`DIVERSE_CONTRAST`), MobileNetV2 0.615 /
+    with pink noise / diverse (contrast as the prior's) / diverse (`PROBE_CONTRAST`), MobileNetV2 0.615 /
     0.680 / 0.735, EfficientNet-Lite0 0.773 / 0.793 / 0.815, and at prune 0.3 0.035 / 0.091 / 0.101 and 0.175 /
-    0.179 / 0.189; diverse (contrast as the prior's) in place of prior on the folded Fashion-MNIST exports, W6
-    prune 0.3: -1.0 to +1.5 points, prune 0.5 -8 to +4.7 (mean -1.6), so those keep "prior".
+    0.179 / 0.189; diverse in place of prior on the folded Fashion-MNIST exports, W6, both at `PROBE_CONTRAST`,
+    prune 0.1 / 0.3 / 0.5: VGG -0.1 / -0.7 / -8.0 points, small VGG -1.3 / -3.0 / -3.9, hourglass +0.2 / -4.3 /
+    -1.0, ResNet-20 -0.1 / -1.0 / +3.2, so those keep "prior".
     """
     if synthetic not in ("auto", "diverse"):
         return synthetic, "", None
@@ -364,15 +370,15 @@ def images_per_run(model: onnx.ModelProto, input_shapes: Dict[str, tuple], sampl
     return run_batch, max(run_batch, samples - samples % run_batch)
 
 
-def synthetic_batches(shape: Sequence[int], seed: int = 0, kind: str = "pink",
-                      batch: Optional[int] = None) -> Iterator[np.ndarray]:
-    """The synthetic inputs of `SampledStatistics`, `batch` images at a time: `image_prior_noise` ("prior") or
-    unit-contrast 1/f `pink_noise` ("pink"). The "diverse" images are chosen by the model
-    (`resolve_synthetic_inputs`)."""
+def synthetic_batches(shape: Sequence[int], seed: int = 0, kind: str = "pink", batch: Optional[int] = None,
+                      contrast: Tuple[float, float] = PRIOR_CONTRAST) -> Iterator[np.ndarray]:
+    """The synthetic inputs of `SampledStatistics` and `stats.layer_inputs`, `batch` images at a time:
+    `image_prior_noise` at per-image `contrast` ("prior") or unit-contrast 1/f `pink_noise` ("pink"). The
+    "diverse" images are chosen by the model (`resolve_synthetic_inputs`)."""
     if kind == "pink":
         return pink_noise_batches(shape, seed=seed, batch=batch)
     if kind == "prior":
-        return image_prior_batches(shape, seed=seed, batch=batch)
+        return image_prior_batches(shape, seed=seed, contrast=contrast, batch=batch)
     raise ValueError(f"unknown synthetic input kind {kind!r}")
 
 
@@ -668,7 +674,8 @@ class SampledStatistics(AnalyticStatistics):
             if chosen is not None:
                 batches = _handed_out(chosen)
             else:
-                batches = synthetic_batches(shape, seed=seed, kind=self.synthetic, batch=run_batch)
+                batches = synthetic_batches(shape, seed=seed, kind=self.synthetic, batch=run_batch,
+                                            contrast=PROBE_CONTRAST)
         else:
             samples = len(inputs)
             batches = (inputs[start:start + run_batch] for start in range(0, samples, run_batch))
@@ -694,7 +701,7 @@ class SampledStatistics(AnalyticStatistics):
         return_freed_memory()
         self._pooled = {key: self._measured.pop(tensor) for key, tensor in pooled.items() if tensor in self._measured}
         analytic = self.source
-        contrast = "contrast in [%g, %g]" % DIVERSE_CONTRAST if self.synthetic == "diverse" else "contrast"
+        contrast = "contrast in [%g, %g]" % PROBE_CONTRAST
         images = ("synthetic pink-noise images" if self.synthetic == "pink" else
                   f"synthetic image-prior images (random spectral exponent, {contrast} and brightness per image)")
         normalising = " with every BN normalising by its batch statistics" if batch_statistics else ""
