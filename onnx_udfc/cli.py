@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise), prior (1/f^e "
                         "noise with random exponent, low contrast and brightness per image), diverse (prior images chosen "
                         "from twice as many so that the model's answers spread over its classes), or auto: for a "
-                        "BN-folded classifier prior if pink noise saturates it (one confident class for every "
+                        "BN-folded classifier prior if pink noise saturates it (confident answers to every "
                         "image), else diverse; pink otherwise (default auto)")
     p.add_argument("--no-merge-blend", action="store_true",
                    help="udfc on BN-folded chains: plain least squares, without shrinking each removed channel's "

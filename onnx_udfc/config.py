@@ -78,8 +78,8 @@ class Options:
         (unit-contrast 1/f noise), `prior` (1/f^e noise with per-image random exponent, contrast in
         `PROBE_CONTRAST` (0.15-0.6) and brightness, `image_prior_noise`), `diverse` (`samples` prior images chosen from twice as many
         by the model's answers, one per predicted class in turn, `diverse_prior_images`), or `auto` (default), where
-        BN was folded at export: `prior` where pink noise saturates the classifier (one class for all of 16
-        pink images, mean top probability >= 0.9), `diverse` for any other classifier, `pink` for other
+        BN was folded at export: `prior` where pink noise saturates the classifier (mean top probability
+        >= 0.8 over 16 pink images), `diverse` for any other classifier, `pink` for other
         models (`resolve_synthetic_inputs`). Fashion-MNIST models exported with BN folded (all four
         saturated), udfc W6, mean of seeds 0-2, prune 0.1 / 0.3 / 0.5, pink -> prior: VGG 0.920 / 0.887 / 0.647
         -> 0.923 / 0.897 / 0.661, small VGG 0.914 / 0.843 / 0.204 -> 0.916 / 0.870 / 0.490, hourglass 0.899 /

@@ -147,6 +147,24 @@ def test_pruning_probe_takes_prior_images_at_the_probe_contrast():
         assert np.allclose(mean, real_mean, rtol=1e-3, atol=1e-4 * np.abs(real_mean).max()) == same
 
 
+def test_saturation_is_confidence_whatever_the_number_of_classes():
+    """`saturated`: confident answers to the noise (mean top probability >= SATURATION_CONFIDENCE), in one
+    class or several (a retrained small VGG answered pink noise with two classes at 0.945); uncertain
+    answers in one class are not saturation; no class scores: never."""
+    from onnx_udfc.stats.sampled import SATURATION_CONFIDENCE, saturated
+
+    def answers(classes, confidence, k=10):
+        p = np.full((len(classes), k), (1.0 - confidence) / (k - 1))
+        p[np.arange(len(classes)), classes] = confidence
+        return p
+
+    assert saturated(answers([3] * 16, 0.99))
+    assert saturated(answers([3] * 12 + [5] * 4, 0.95))
+    assert not saturated(answers([3] * 16, SATURATION_CONFIDENCE - 0.05))
+    assert not saturated(answers(list(range(10)) + [0] * 6, 0.45))
+    assert not saturated(None)
+
+
 def _reference_diverse_choice(probabilities, count):
     """`diverse_choice` spelled out: rounds over the classes, each class's next most confident image."""
     confidence, classes = probabilities.max(axis=1), probabilities.argmax(axis=1)

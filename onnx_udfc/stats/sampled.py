@@ -168,10 +168,14 @@ def image_prior_batches(shape: Sequence[int], seed: int = 0, exponents: Tuple[fl
         yield x
 
 
-#: images of the saturation check (`pink_saturates`) and the mean top-class probability above which a
-#: classifier that gives all of them one class is saturated by the noise
+#: images of the saturation check (`pink_saturates`) and the mean top-class probability at or above which
+#: the classifier is saturated by the noise. Measured on 16 pink images: the folded Fashion-MNIST exports
+#: 0.945-1.000 (one or two classes), the folded ImageNet exports 0.19-0.45; the threshold sits between. It
+#: once also asked for one class on every image, which a retrained small VGG missed (two classes at 0.945):
+#: it then took `diverse` inputs, udfc W6 prune 0.1 / 0.3 / 0.5 0.902 / 0.851 / 0.417 against 0.914 / 0.880 /
+#: 0.456 with `prior` (mean of seeds 0-2)
 SATURATION_IMAGES = 16
-SATURATION_CONFIDENCE = 0.9
+SATURATION_CONFIDENCE = 0.8
 #: image-prior candidates scored per probe image of the "diverse" inputs (`diverse_choice`)
 DIVERSE_CANDIDATES = 2
 #: per-image contrast range of the pruning probe's image-prior images (`prior`, and the `diverse` inputs'
@@ -223,12 +227,11 @@ class ClassifierAnswers:
 
 
 def saturated(probabilities: Optional[np.ndarray]) -> bool:
-    """True when every image of (B, K) `probabilities` gets the same class with a mean top probability of at
-    least `SATURATION_CONFIDENCE` (False for None: not a classifier)."""
+    """True when the mean top-class probability of (B, K) `probabilities` is at least `SATURATION_CONFIDENCE`:
+    the images drive the classifier to confident answers (False for None: not a classifier)."""
     if probabilities is None:
         return False
-    classes = probabilities.argmax(axis=1)
-    return bool(np.all(classes == classes[0]) and probabilities.max(axis=1).mean() >= SATURATION_CONFIDENCE)
+    return bool(probabilities.max(axis=1).mean() >= SATURATION_CONFIDENCE)
 
 
 def pink_saturates(model: onnx.ModelProto, input_name: str, input_shape: Sequence[int], seed: int = 0) -> bool:
@@ -236,10 +239,11 @@ def pink_saturates(model: onnx.ModelProto, input_name: str, input_shape: Sequenc
     `SATURATION_IMAGES` seeded pink images). Any other output (a detector, an embedding) is never judged
     saturated.
 
-    Why: statistics measured on inputs that drive every sample to one confident answer describe a regime the
-    network is not in on data. On the four Fashion-MNIST models exported with BN folded, 64 pink images all
-    land in one class with top probability 0.99-1.00, while image-prior samples spread over 3-6 classes
-    (confidence 0.78-0.89); on the folded ImageNet exports pink noise gives 3-5 classes at 0.21-0.43. Prior
+    Why: statistics measured on inputs that drive every sample to a confident answer describe a regime the
+    network is not in on data. On the four Fashion-MNIST models exported with BN folded, 64 pink images land
+    in one class (a retrained small VGG: two) with top probability 0.95-1.00, while image-prior samples spread
+    over 3-6 classes (confidence 0.70-0.90); on the folded ImageNet exports pink noise gives 3-5 classes at
+    0.19-0.45. Prior
     images are much better on the former and worse on the latter (see `SampledStatistics` with
     `synthetic="auto"`).
     """
@@ -329,7 +333,7 @@ def resolve_synthetic_inputs(model: onnx.ModelProto, input_name: str, input_shap
             if pink is None:
                 return "pink", "", None
             if saturated(pink):
-                return "prior", ", as pink noise saturates the classifier (one class for every image),", None
+                return "prior", ", as pink noise saturates the classifier (confident answers to every image),", None
         runs, candidates, classes = diverse_prior_images(answers, samples, run_batch, seed)
         if runs is None:
             return "prior", ", unchosen as the model's first output is not class scores,", None
