@@ -6,7 +6,8 @@
 Default models: the cached `~/.cache/onnx-udfc/models/{mobilenetv2_bn,efficientnet_lite0_bn,vgg_bn,resnet20_bn}.onnx`
 that exist, plus the generated ResNet-50-sized `resnet50_synthetic.onnx` (written by `synthetic_models.py`
 when missing). For each model, each command runs as its own process (best wall clock of --repeat runs;
-peak RSS is the largest `ru_maxrss` of that process tree, read per run from `os.wait4`):
+peak RSS is the largest `ru_maxrss` of that process tree, read per run from `os.wait4` in a small
+launcher process, `LAUNCHER`):
 
 - floor: `python -c "import onnx; m = onnx.load(IN); onnx.save(m, OUT)"`, the least any ONNX-to-ONNX tool does;
 - `onnx-udfc IN OUT --prune 0.3 --bits 6 --no-validate -q` (prune + quantize) and `--bits 6` (quantize only);
@@ -56,23 +57,35 @@ def child_env() -> Dict[str, str]:
     return env
 
 
-def run_measured(cmd: Sequence[str], env: Dict[str, str]) -> Dict[str, float]:
-    """Run `cmd` once as a fresh process; wall seconds and peak RSS (MB) of its process tree.
+#: runs the command as its own child and prints "<exit code> <seconds> <ru_maxrss KiB>" of that child. Why a
+#: launcher: Linux counts the memory a process had before `exec` in its `ru_maxrss`, and a child forked from
+#: this benchmark starts as a copy of it (after building the ResNet-50-sized model, 573 MB: every command then
+#: "peaked" at 573 MB); the launcher is a small fresh interpreter, so its child starts small
+LAUNCHER = """
+import os, sys, time
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stdout.write("%d %.6f %d\\n" % (os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss))
+"""
 
-    `os.wait4` returns the rusage of exactly this child (with its own waited-for children), so the peak
-    RSS is per run, not a running maximum over the benchmark's earlier children.
-    """
+
+def run_measured(cmd: Sequence[str], env: Dict[str, str]) -> Dict[str, float]:
+    """Run `cmd` once as a fresh process (through `LAUNCHER`); wall seconds and peak RSS (MB) of its
+    process tree (`os.wait4` in the launcher: the rusage of exactly that child, with its own waited-for
+    children)."""
     with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER] + list(cmd), stdout=subprocess.PIPE, stderr=err,
+                              env=env, cwd=REPO)
+        fields = proc.stdout.decode().split()
+        code = int(fields[0]) if proc.returncode == 0 and len(fields) == 3 else proc.returncode or 1
+        if code != 0:
             err.seek(0)
             tail = err.read().decode(errors="replace")[-2000:]
-            raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{tail}")
-    return {"seconds": seconds, "rss_mb": usage.ru_maxrss * 1024 / MB}  # ru_maxrss is in KiB on Linux
+            raise RuntimeError(f"exit code {code}: {' '.join(cmd)}\n{tail}")
+    return {"seconds": float(fields[1]), "rss_mb": int(fields[2]) * 1024 / MB}  # ru_maxrss is in KiB on Linux
 
 
 def best_of(cmd: Sequence[str], env: Dict[str, str], repeat: int) -> Dict[str, float]:
