@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fewer (10 or more layers) measures every layer's input moments on synthetic images "
                         "unless analytic "
                         "(default auto)")
-    p.add_argument("--samples", type=int, default=64, metavar="N",
+    p.add_argument("--samples", type=int, default=None, metavar="N",
                    help="synthetic images pushed through the model for synthetic / combined statistics and the "
-                        "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64)")
+                        "quantizer-input probe of BN-folded models at 5 bits or fewer (default 64; 128 for "
+                        "inputs of at most 128 x 128 pixels)")
     p.add_argument("--synthetic-inputs", choices=SYNTHETIC_INPUTS, default="auto",
                    help="synthetic images for the pruning statistics: pink (unit-contrast 1/f noise), prior (1/f^e "
                         "noise with random exponent, low contrast and brightness per image), diverse (prior images chosen "

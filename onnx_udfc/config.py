@@ -69,7 +69,8 @@ class Options:
         (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN
         was folded at export; analytic for models without one 4-D image input).
     samples: synthetic images pushed through the model (pruning, and the quantizer-input probe of BN-folded
-        models at 5 bits or fewer, where inputs above 224 x 224 get fewer). 64: the sampled half of the statistics
+        models at 5 bits or fewer, where inputs above 224 x 224 get fewer); None: 64, or 128 for inputs of at most
+        128 x 128 pixels (`stats.sampled.default_samples`). 64: the sampled half of the statistics
         is noisy where feature maps are small (7 x 7 positions per image on MobileNetV2's widest chains);
         ImageNet sample, udfc prune 0.1 / 0.3 / 0.5 + W8 top-1 with 32 -> 64: MobileNetV2 0.786 / 0.610 /
         0.202 -> 0.804 / 0.636 / 0.224, EfficientNet-Lite0 0.844 / 0.560 / 0.162 -> 0.846 / 0.584 / 0.180
@@ -118,7 +119,7 @@ class Options:
     merge_blend: bool = True
     residual_share: bool = True
     statistics: str = "auto"
-    samples: int = 64
+    samples: Optional[int] = None
     synthetic_inputs: str = "auto"
     seed: int = 0
     input_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
@@ -142,7 +143,7 @@ class Options:
                 raise UsageError(f"--{name} must be one of {', '.join(allowed)}, got {value!r}")
         if not 1 <= int(self.channel_multiple) <= 1024:
             raise UsageError(f"--channel-multiple must be 1..1024, got {self.channel_multiple}")
-        if not 2 <= int(self.samples) <= 4096:
+        if self.samples is not None and not 2 <= int(self.samples) <= 4096:
             raise UsageError(f"--samples must be 2..4096, got {self.samples}")
         if self.ridge < 0 or (self.selection_ridge is not None and self.selection_ridge < 0):
             raise UsageError("ridge values must be >= 0")

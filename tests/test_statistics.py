@@ -165,6 +165,26 @@ def test_saturation_is_confidence_whatever_the_number_of_classes():
     assert not saturated(None)
 
 
+def test_default_sample_count_doubles_for_small_inputs():
+    """`samples=None` (default): 128 synthetic images for inputs of at most 128 x 128 pixels, 64 above or
+    where the size is unknown; an explicit count is kept, and the report says how many were used."""
+    from onnx_udfc.stats.sampled import default_samples
+
+    assert default_samples({"x": (1, 1, 28, 28)}) == 128
+    assert default_samples({"x": (1, 3, 128, 128)}) == 128
+    assert default_samples({"x": (1, 3, 224, 224)}) == 64
+    assert default_samples({"x": (1, 3, "h", "w")}) == 64
+    assert default_samples({"x": (1, 76, 32)}) == 64
+    assert default_samples({"a": (1, 3, 16, 16), "b": (1, 3, 16, 16)}) == 64
+    model = plain_chain(seed=7)
+    _, report = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="synthetic",
+                         validate=False)
+    assert "from 128 synthetic" in report.statistics_source
+    _, report = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="synthetic",
+                         samples=16, validate=False)
+    assert "from 16 synthetic" in report.statistics_source
+
+
 def _reference_diverse_choice(probabilities, count):
     """`diverse_choice` spelled out: rounds over the classes, each class's next most confident image."""
     confidence, classes = probabilities.max(axis=1), probabilities.argmax(axis=1)

@@ -20,7 +20,7 @@ from ..patterns.chains import ChainFinder, is_depthwise
 from ..patterns.groups import coupled_groups
 from ..stats.layer_inputs import MIN_LAYERS, MeasuredInputs, measure_layer_inputs
 from ..stats.model import AnalyticStatistics
-from ..stats.sampled import CombinedStatistics, SampledStatistics
+from ..stats.sampled import CombinedStatistics, SampledStatistics, default_samples
 from .allocate import plan_global_allocation
 from .base import Pass, PassContext, PassResult
 from .prune import prune_chain
@@ -39,6 +39,8 @@ class StatisticsPass(Pass):
                                          runnable=lambda: ctx.graph.model)
         ctx.chains, ctx.rejections = ChainFinder(ctx.graph, ctx.shapes).find()
         ctx.coupled_groups = coupled_groups(ctx.graph)
+        if ctx.options.samples is None:
+            ctx.options.samples = default_samples(ctx.input_shapes)
         kind = ctx.options.statistics
         if kind == "auto":
             kind = "combined" if _mostly_bn_priors(ctx) else "synthetic"
