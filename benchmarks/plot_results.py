@@ -67,7 +67,8 @@ def load_rows(results_dir: str) -> List[dict]:
 #: grids run with the current code: in the per-model plots their rows win a cell over older files' rows
 #: (the first listed first); cells they do not hold come from the other files, the first file by name winning
 CURRENT_SOURCES = ("imagenet_grid_current_bn.json", "imagenet_grid_current_folded.json",
-                   "fmnist_grid_probe_contrast.json", "fmnist_grid_residual_share.json", "imagenet_residual_share.json",
+                   "fmnist_grid_samples128.json", "fmnist_grid_probe_contrast.json",
+                   "fmnist_grid_residual_share.json", "imagenet_residual_share.json",
                    "imagenet_residual_share_p24.json")
 
 
@@ -186,7 +187,7 @@ HEADLINE_IMAGENET_MODELS = ("mobilenetv2_bn", "efficientnet_lite0_bn")
 HEADLINE_FMNIST_SOURCES = ("fmnist_samples64_methods.json", "fmnist_merge_blend.json", "fmnist_hourglass.json",
                            "fmnist_grid_folded_pooled.json", "fmnist_grid_folded_current.json",
                            "fmnist_grid_folded_sqrt.json", "fmnist_grid_residual_share.json",
-                           "fmnist_grid_probe_contrast.json")
+                           "fmnist_grid_probe_contrast.json", "fmnist_grid_samples128.json")
 #: the same for the ImageNet panel (quantization rows, then pruning rows with 64 synthetic images)
 HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json", "imagenet_grid_current_bn.json")
 
