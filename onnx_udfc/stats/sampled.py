@@ -267,9 +267,8 @@ def pink_saturates(model: onnx.ModelProto, input_name: str, input_shape: Sequenc
     network is not in on data. On the four Fashion-MNIST models exported with BN folded, 64 pink images land
     in one class (a retrained small VGG: two) with top probability 0.95-1.00, while image-prior samples spread
     over 3-6 classes (confidence 0.70-0.90); on the folded ImageNet exports pink noise gives 3-5 classes at
-    0.19-0.45. Prior
-    images are much better on the former and worse on the latter (see `SampledStatistics` with
-    `synthetic="auto"`).
+    0.19-0.45. Prior images are much better on the former and worse on the latter (see `SampledStatistics`
+    with `synthetic="auto"`).
     """
     answers = ClassifierAnswers(model, input_name, input_shape)
     return saturated(answers.probabilities(_pink_check_batches(answers, seed)))
