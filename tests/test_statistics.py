@@ -3,7 +3,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from builders import depthwise_block, plain_chain, random_input, rel_error, residual_block, run
+from builders import (depthwise_block, fold_all_batchnorm, plain_chain, random_input, rel_error, residual_block,
+                      run)
 from onnx_udfc import compress
 from onnx_udfc.config import Options
 from onnx_udfc.ir.graph import Graph
@@ -480,6 +481,51 @@ def test_chains_through_a_global_pool_are_priced_on_the_pooled_vectors():
     combined = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3, statistics="combined").stats
     chain = next(c for c in combined._by_output.values() if c.consumer.op_type == "Gemm")
     assert combined.selection_statistics(chain) is combined.chain_statistics(chain)
+
+
+def test_averaged_moments_average_means_deviations_and_correlations():
+    from onnx_udfc.numerics.covariance import cov_to_corr
+    from onnx_udfc.stats.sampled import averaged_moments
+
+    rng = np.random.default_rng(3)
+    a, s = rng.standard_normal((7, 40)), 3.0 * rng.standard_normal((7, 40)) + 1.0
+    analytic = (rng.standard_normal(7), np.cov(a))
+    measured = (rng.standard_normal(7), np.cov(s))
+    copies = [x.copy() for x in analytic + measured]
+    mean, cov = averaged_moments(analytic, measured)
+    for before, after in zip(copies, analytic + measured):  # the inputs are left as they were
+        np.testing.assert_array_equal(before, after)
+    sd = 0.5 * (np.sqrt(np.diag(analytic[1])) + np.sqrt(np.diag(measured[1])))
+    corr = 0.5 * (cov_to_corr(analytic[1])[0] + cov_to_corr(measured[1])[0])
+    np.testing.assert_allclose(mean, 0.5 * (analytic[0] + measured[0]))
+    np.testing.assert_allclose(cov, corr * np.outer(sd, sd), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_depthwise_chains_are_selected_on_the_average_with_the_analytic_model():
+    """Synthetic statistics (BN folded): a chain through a depthwise conv is priced on the average of the
+    analytic model and the samples and compensated with the samples; a chain without one is priced on the
+    samples; the analytic half is not kept per chain."""
+    from onnx_udfc.stats.model import AnalyticStatistics
+    from onnx_udfc.stats.sampled import SampledStatistics, averaged_moments
+
+    model = fold_all_batchnorm(depthwise_block(seed=2))
+    ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3)
+    assert isinstance(ctx.stats, SampledStatistics) and type(ctx.stats).averaged_depthwise_selection
+    chain = next(c for c in ctx.chains if c.depthwise is not None)
+    key = chain.last_stage.output
+    measured = ctx.stats.chain_statistics(chain)
+    assert measured is ctx.stats._measured[key]
+    mean, cov = ctx.stats.selection_statistics(chain)
+    assert key not in ctx.stats._cache
+    expected = averaged_moments(AnalyticStatistics.chain_statistics(ctx.stats, chain), measured)
+    np.testing.assert_allclose(mean, expected[0])
+    np.testing.assert_allclose(cov, expected[1])
+    assert not np.allclose(cov, measured[1], rtol=0.05)  # the analytic half moved it
+    assert ctx.stats.chain_statistics(chain) is measured  # the compensation reads the samples
+    plain = fold_all_batchnorm(plain_chain(seed=4))
+    plain_ctx = prepared(onnx.load_from_string(plain.SerializeToString()), prune=0.3)
+    other = next(c for c in plain_ctx.chains if c.depthwise is None and c.consumer.op_type != "Gemm")
+    assert plain_ctx.stats.selection_statistics(other) is plain_ctx.stats.chain_statistics(other)
 
 
 def test_folded_models_quantized_at_low_bit_widths_measure_the_quantizer_inputs(monkeypatch):
