@@ -67,7 +67,9 @@ class Options:
     statistics: where chain covariances come from: `analytic` (BN prior and weights), `synthetic`
         (`samples` seeded synthetic images, see synthetic_inputs, pushed through the model, BNs on batch statistics), `combined`
         (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN
-        was folded at export; analytic for models without one 4-D image input).
+        was folded at export; analytic for models without one 4-D image input). With `synthetic`, a chain
+        through a depthwise conv is selected (not compensated) on the average of both
+        (`SampledStatistics.selection_statistics`).
     samples: synthetic images pushed through the model (pruning, and the quantizer-input probe of BN-folded
         models at 5 bits or fewer, where inputs above 224 x 224 get fewer); None: 64, or 128 for inputs of at most
         128 x 128 pixels (`stats.sampled.default_samples`). 64: the sampled half of the statistics

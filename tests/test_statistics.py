@@ -522,6 +522,7 @@ def test_folded_depthwise_chains_are_selected_on_the_average_with_the_analytic_m
     np.testing.assert_allclose(cov, expected[1])
     assert not np.allclose(cov, measured[1], rtol=0.05)  # the analytic half moved it
     assert ctx.stats.chain_statistics(chain) is measured  # the compensation reads the samples
+    assert "1 chain(s) through a depthwise conv selected on the average with the analytic model" in ctx.stats.source
     plain = fold_all_batchnorm(plain_chain(seed=4))
     plain_ctx = prepared(onnx.load_from_string(plain.SerializeToString()), prune=0.3)
     other = next(c for c in plain_ctx.chains if c.depthwise is None and c.consumer.op_type != "Gemm")

@@ -731,6 +731,8 @@ class SampledStatistics(AnalyticStatistics):
         return_freed_memory()
         self._pooled = {key: self._measured.pop(tensor) for key, tensor in pooled.items() if tensor in self._measured}
         analytic = self.source
+        averaged = sum(1 for c in chains if c.depthwise is not None and c.last_stage.output not in self._pooled
+                       and c.last_stage.output in self._measured) if self.averaged_depthwise_selection else 0
         contrast = "contrast in [%g, %g]" % PROBE_CONTRAST
         images = ("synthetic pink-noise images" if self.synthetic == "pink" else
                   f"synthetic image-prior images (random spectral exponent, {contrast} and brightness per image)")
@@ -739,6 +741,8 @@ class SampledStatistics(AnalyticStatistics):
                        f"{normalising} (seed {seed}); "
                        + (f"{len(self._pooled)} chain(s) read through a global pool selected on the pooled vectors' "
                           "covariance; " if self._pooled else "")
+                       + (f"{averaged} chain(s) through a depthwise conv selected on the average with the analytic "
+                          "model; " if averaged else "")
                        + analytic)
 
     def chain_statistics(self, chain: Chain) -> Optional[Moments]:
