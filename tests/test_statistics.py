@@ -483,7 +483,7 @@ def test_chains_through_a_global_pool_are_priced_on_the_pooled_vectors():
     assert combined.selection_statistics(chain) is combined.chain_statistics(chain)
 
 
-def test_averaged_moments_average_means_deviations_and_correlations():
+def test_averaged_moments_weigh_means_deviations_and_correlations():
     from onnx_udfc.numerics.covariance import cov_to_corr
     from onnx_udfc.stats.sampled import averaged_moments
 
@@ -499,6 +499,12 @@ def test_averaged_moments_average_means_deviations_and_correlations():
     corr = 0.5 * (cov_to_corr(analytic[1])[0] + cov_to_corr(measured[1])[0])
     np.testing.assert_allclose(mean, 0.5 * (analytic[0] + measured[0]))
     np.testing.assert_allclose(cov, corr * np.outer(sd, sd), rtol=1e-12, atol=1e-12)
+    mean, cov = averaged_moments(analytic, measured, weight=0.75)
+    sd = 0.75 * np.sqrt(np.diag(analytic[1])) + 0.25 * np.sqrt(np.diag(measured[1]))
+    corr = 0.75 * cov_to_corr(analytic[1])[0] + 0.25 * cov_to_corr(measured[1])[0]
+    np.testing.assert_allclose(mean, 0.75 * analytic[0] + 0.25 * measured[0])
+    np.testing.assert_allclose(cov, corr * np.outer(sd, sd), rtol=1e-12, atol=1e-12)
+    assert np.allclose(averaged_moments(analytic, measured, weight=1.0)[1], analytic[1])
 
 
 def test_folded_depthwise_chains_are_selected_on_the_average_with_the_analytic_model():
@@ -506,7 +512,7 @@ def test_folded_depthwise_chains_are_selected_on_the_average_with_the_analytic_m
     analytic model and the samples and compensated with the samples; a chain without one is priced on the
     samples; the analytic half is not kept per chain."""
     from onnx_udfc.stats.model import AnalyticStatistics
-    from onnx_udfc.stats.sampled import SampledStatistics, averaged_moments
+    from onnx_udfc.stats.sampled import DEPTHWISE_SELECTION_ANALYTIC_WEIGHT, SampledStatistics, averaged_moments
 
     model = fold_all_batchnorm(depthwise_block(seed=2))
     ctx = prepared(onnx.load_from_string(model.SerializeToString()), prune=0.3)
@@ -517,7 +523,8 @@ def test_folded_depthwise_chains_are_selected_on_the_average_with_the_analytic_m
     assert measured is ctx.stats._measured[key]
     mean, cov = ctx.stats.selection_statistics(chain)
     assert key not in ctx.stats._cache
-    expected = averaged_moments(AnalyticStatistics.chain_statistics(ctx.stats, chain), measured)
+    expected = averaged_moments(AnalyticStatistics.chain_statistics(ctx.stats, chain), measured,
+                                DEPTHWISE_SELECTION_ANALYTIC_WEIGHT)
     np.testing.assert_allclose(mean, expected[0])
     np.testing.assert_allclose(cov, expected[1])
     assert not np.allclose(cov, measured[1], rtol=0.05)  # the analytic half moved it

@@ -801,7 +801,7 @@ class SampledStatistics(AnalyticStatistics):
             self._cache.pop(key, None)  # made for this average only: no (N, N) kept per chain
         if analytic is None or analytic[0].shape[0] != measured[0].shape[0]:
             return measured
-        return averaged_moments(analytic, measured)
+        return averaged_moments(analytic, measured, DEPTHWISE_SELECTION_ANALYTIC_WEIGHT)
 
     def restrict(self, path, kept: np.ndarray) -> None:
         super().restrict(path, kept)
@@ -809,24 +809,35 @@ class SampledStatistics(AnalyticStatistics):
         restrict_chain_moments(self._pooled, path, kept)
 
 
-def averaged_moments(analytic: Moments, measured: Moments) -> Moments:
-    """The average of two (mean (N,), cov (N, N)) by parts:
+#: weight of the analytic model in the selection statistics of a folded model's depthwise chains
+#: (`SampledStatistics._averaged_with_analytic`)
+DEPTHWISE_SELECTION_ANALYTIC_WEIGHT = 0.75
 
-        mean = (m_a + m_s) / 2,  std = (sd_a + sd_s) / 2,  corr = (R_a + R_s) / 2,  cov = corr * std std^T
 
-    An average of correlation matrices stays a correlation matrix (PSD). Formed in place, the same values
-    as ``0.5 * (corr_a + corr_s) * outer(sd, sd)``, with no (N, N) temporary beyond the two correlations;
-    the inputs are not modified.
+def averaged_moments(analytic: Moments, measured: Moments, weight: float = 0.5) -> Moments:
+    """The weighted average of two (mean (N,), cov (N, N)) by parts, `weight` w on the analytic half:
+
+        mean = w m_a + (1 - w) m_s,  std = w sd_a + (1 - w) sd_s,  corr = w R_a + (1 - w) R_s,
+        cov = corr * std std^T
+
+    An average of correlation matrices stays a correlation matrix (PSD). Formed in place (at w = 0.5 the
+    same values as ``0.5 * (corr_a + corr_s) * outer(sd, sd)``), with no (N, N) temporary beyond the two
+    correlations; the inputs are not modified.
     """
     (mean_a, cov_a), (mean_s, cov_s) = analytic, measured
     corr, sd_a = cov_to_corr(cov_a)
     corr_s, sd_s = cov_to_corr(cov_s)
-    corr += corr_s
+    if weight == 0.5:
+        corr += corr_s
+        corr *= 0.5
+    else:
+        corr *= weight
+        corr_s *= 1.0 - weight
+        corr += corr_s
     del corr_s
-    corr *= 0.5
-    sd = 0.5 * (sd_a + sd_s)
+    sd = weight * sd_a + (1.0 - weight) * sd_s
     corr *= np.multiply.outer(sd, sd, out=np.empty_like(corr))
-    return 0.5 * (mean_a + mean_s), corr
+    return weight * mean_a + (1.0 - weight) * mean_s, corr
 
 
 def restrict_chain_moments(store: Dict[str, Moments], path, kept: np.ndarray) -> None:
