@@ -778,18 +778,22 @@ class SampledStatistics(AnalyticStatistics):
 
     def _averaged_with_analytic(self, chain: Chain) -> Optional[Moments]:
         """`averaged_moments` of the analytic model's and the samples' moments of a chain through a depthwise
-        conv, made afresh on each call (once per chain in the allocation); the compensation keeps the samples.
+        conv (weight `DEPTHWISE_SELECTION_ANALYTIC_WEIGHT` on the analytic half), made afresh on each call (once
+        per chain in the allocation); the compensation keeps the samples.
 
         In a folded network the probe's images drive the deep layers far from photos (EfficientNet-Lite0,
         channel standard deviations against 100 real images, median ratio past block 12: 0.005-0.17), and the
-        analytic model is no closer (its moment propagation collapses there); their average shrinks the
-        sampled channel correlations halfway toward the ones propagated through the depthwise kernels
-        (`depthwise_output_covariance`), which the selection's precision matrix reads. Folded ImageNet exports,
-        udfc + W8, mean of seeds 0-2, samples -> average, prune 0.1 / 0.3: MobileNetV2 0.741 / 0.177 -> 0.749 /
-        0.213 (KL 0.494 / 3.89 -> 0.434 / 3.63), EfficientNet-Lite0 0.829 / 0.567 -> 0.843 / 0.612 (KL 0.140 /
-        1.33 -> 0.124 / 1.04). The average in the compensation as well (`--statistics combined`, on pink
-        noise) was worse on MobileNetV2 (0.711 / 0.159), and so was the average in the compensation alone
-        (0.732 / 0.166, seed 0).
+        analytic model is no closer (its moment propagation collapses there); the average moves the
+        selection's precision matrix toward the correlations propagated through the depthwise kernels
+        (`depthwise_output_covariance`) and the analytic standard deviations (with the samples' deviations
+        kept and only the correlations averaged, nothing was gained). Folded ImageNet exports, udfc + W8,
+        prune 0.1 / 0.3, mean of seeds 0-2 (KL to the original), samples alone -> weight 0.5 -> 0.75:
+        MobileNetV2 0.741 / 0.177 (0.494 / 3.89) -> 0.749 / 0.213 (0.434 / 3.63) -> 0.759 / 0.190 (0.387 /
+        3.63); EfficientNet-Lite0 0.829 / 0.567 (0.140 / 1.33) -> 0.843 / 0.612 (0.124 / 1.04) -> 0.843 / 0.637
+        (0.113 / 0.88). Seed 0, weight 0.25 / 0.9 / 1: MobileNetV2 KL 0.473 / 0.317 / 0.442 and 3.46 / 3.53 /
+        3.70, EfficientNet-Lite0 0.132 / 0.122 / 0.188 and 1.11 / 0.85 / 0.92. The average in the compensation
+        as well (`--statistics combined`, on pink noise) was worse on MobileNetV2 (0.711 / 0.159), and so was the
+        average in the compensation alone (0.732 / 0.166, seed 0).
         """
         key = chain.last_stage.output
         measured = self._measured.get(key)
