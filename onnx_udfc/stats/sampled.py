@@ -831,13 +831,9 @@ def averaged_moments(analytic: Moments, measured: Moments, weight: float = 0.5) 
     (mean_a, cov_a), (mean_s, cov_s) = analytic, measured
     corr, sd_a = cov_to_corr(cov_a)
     corr_s, sd_s = cov_to_corr(cov_s)
-    if weight == 0.5:
-        corr += corr_s
-        corr *= 0.5
-    else:
-        corr *= weight
-        corr_s *= 1.0 - weight
-        corr += corr_s
+    corr *= weight
+    corr_s *= 1.0 - weight
+    corr += corr_s  # at w = 0.5 bit for bit (a + b) / 2: halving is exact
     del corr_s
     sd = weight * sd_a + (1.0 - weight) * sd_s
     corr *= np.multiply.outer(sd, sd, out=np.empty_like(corr))
