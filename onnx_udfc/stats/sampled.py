@@ -731,8 +731,7 @@ class SampledStatistics(AnalyticStatistics):
         return_freed_memory()
         self._pooled = {key: self._measured.pop(tensor) for key, tensor in pooled.items() if tensor in self._measured}
         analytic = self.source
-        averaged = sum(1 for c in chains if c.depthwise is not None and c.last_stage.output not in self._pooled
-                       and c.last_stage.output in self._measured) if self.averaged_depthwise_selection else 0
+        averaged = sum(1 for c in chains if c.last_stage.output not in self._pooled and self._selected_on_average(c))
         contrast = "contrast in [%g, %g]" % PROBE_CONTRAST
         images = ("synthetic pink-noise images" if self.synthetic == "pink" else
                   f"synthetic image-prior images (random spectral exponent, {contrast} and brightness per image)")
@@ -772,9 +771,17 @@ class SampledStatistics(AnalyticStatistics):
         pooled = self._pooled.get(chain.last_stage.output)
         if pooled is not None and pooled[0].shape[0] == chain.channels:
             return pooled
-        if self.averaged_depthwise_selection and chain.depthwise is not None:
+        if self._selected_on_average(chain):
             return self._averaged_with_analytic(chain)
         return self.chain_statistics(chain)
+
+    def _selected_on_average(self, chain: Chain) -> bool:
+        """Whether `selection_statistics` averages this chain (not read through a global pool): it runs through a
+        depthwise conv and its samples were measured."""
+        if not self.averaged_depthwise_selection or chain.depthwise is None:
+            return False
+        measured = self._measured.get(chain.last_stage.output)
+        return measured is not None and measured[0].shape[0] == chain.channels
 
     def _averaged_with_analytic(self, chain: Chain) -> Optional[Moments]:
         """`averaged_moments` of the analytic model's and the samples' moments of a chain through a depthwise
@@ -796,9 +803,7 @@ class SampledStatistics(AnalyticStatistics):
         average in the compensation alone (0.732 / 0.166, seed 0).
         """
         key = chain.last_stage.output
-        measured = self._measured.get(key)
-        if measured is None or measured[0].shape[0] != chain.channels:
-            return self.chain_statistics(chain)
+        measured = self._measured[key]  # `_selected_on_average`
         cached = key in self._cache
         analytic = AnalyticStatistics.chain_statistics(self, chain)
         if not cached:
@@ -884,8 +889,9 @@ class CombinedStatistics(SampledStatistics):
         measured = self._measured.get(key)
         if analytic is None or measured is None or measured[0].shape[0] != analytic[0].shape[0]:
             return analytic if analytic is not None else measured
-        # the halves are dropped from their stores before the average is made: three (N, N) arrays alive at
-        # most instead of seven (MobileNetV2's 1280-channel chain: 13 MB each)
+        # the halves are dropped from their stores before the average is made: four (N, N) arrays alive at
+        # most (the halves and their correlations) instead of seven (MobileNetV2's 1280-channel chain: 13 MB
+        # each; the process peak, at the end of the allocation, is the same: 353 MB prune 0.3 + W6)
         self._cache.pop(key, None)
         self._measured.pop(key)
         combined = averaged_moments(analytic, measured)
