@@ -9,6 +9,7 @@ from onnx_udfc import compress
 from onnx_udfc.numerics.selection import (BackwardGreedy, aligned_removal, allocate_greedily, effective_multiple,
                                          greedy_removal_order)
 from onnx_udfc.passes.allocate import AlignedSteps, removal_cap
+from onnx_udfc.stats.model import StatisticsModel
 
 from builders import (ModelBuilder, calibrate_batchnorm, conv_bn_relu, depthwise_block, plain_chain, random_input,
                       rel_error, run)
@@ -163,7 +164,7 @@ def test_a_large_multiple_falls_back_to_8_on_narrow_chains():
     assert widths and all(w % 8 == 0 for w in widths), widths
 
 
-class _Moments:
+class _Moments(StatisticsModel):
     def __init__(self, variances):
         self.variances = variances
 
@@ -172,7 +173,7 @@ class _Moments:
         return None if v is None else (np.zeros(len(v)), np.asarray(v, dtype=np.float64))
 
 
-def _share(nodes, variances, consumer_output="y"):
+def _share(nodes, variances, consumer_output="y", measured=None):
     from types import SimpleNamespace
 
     from onnx import TensorProto, helper
@@ -185,7 +186,12 @@ def _share(nodes, variances, consumer_output="y"):
                               [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)])
     g = Graph(helper.make_model(graph))
     consumer = g.producer_of(consumer_output)
-    return residual_share(SimpleNamespace(graph=g, stats=_Moments(variances)), consumer)
+    stats = _Moments(variances)
+    if measured is not None:
+        from onnx_udfc.stats.layer_inputs import MeasuredInputs
+
+        stats = MeasuredInputs(stats, measured, samples=8)
+    return residual_share(SimpleNamespace(graph=g, stats=stats), consumer)
 
 
 def test_residual_share_is_the_branch_share_of_the_sum_variance():
@@ -201,6 +207,20 @@ def test_residual_share_is_the_branch_share_of_the_sum_variance():
     second = helper.make_node("Add", ["y", "other"], ["t"])
     assert _share([conv, add, second], {"y": [1.0], "s": [2.0], "t": [2.0]}) is None
     assert _share([conv, add], {"y": [1.0, 1.0]}) is None
+
+
+def test_residual_share_reads_both_variances_from_the_model_that_prices_the_chains():
+    """Folded models at 5 bits or fewer measure the quantizer's inputs (`MeasuredInputs`): the sum feeding the
+    next layer is measured, the branch is not. The share must not divide the propagated branch variance by the
+    measured sum variance (another source, another scale): both come from the base model."""
+    from onnx import helper
+
+    conv = helper.make_node("Identity", ["x"], ["y"])
+    add = helper.make_node("Add", ["y", "skip"], ["s"])
+    variances = {"y": [1.0, 4.0], "s": [2.0, 5.0]}
+    measured = {"s": (np.zeros(2), np.array([200.0, 500.0]))}
+    np.testing.assert_allclose(_share([conv, add], variances, measured=measured), [0.5, 0.8])
+    np.testing.assert_allclose(_share([conv, add], variances), [0.5, 0.8])
 
 
 def test_residual_share_after_a_relu_on_the_sum_counts_the_error_that_passes_it():

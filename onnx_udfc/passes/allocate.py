@@ -83,9 +83,9 @@ MIN_RESIDUAL_SHARE = 1e-3
 
 def residual_share(ctx: PassContext, consumer: onnx.NodeProto) -> Optional[np.ndarray]:
     """(M,) ``Var[y_m] / Var[s_m]`` in [MIN_RESIDUAL_SHARE, 1] when the consumer's output y is read only by
-    one residual `Add`/`Sum` s = y + skip, from the statistics model's per-channel moments of y and s (the
-    moment propagation: BN priors through the activations, variances of independent branches adding up);
-    None otherwise (no residual, or moments unknown).
+    one residual `Add`/`Sum` s = y + skip, from the per-channel moments of y and s in the model that prices
+    the chains (`selection_moments`: the moment propagation, BN priors through the activations, variances
+    of independent branches adding up); None otherwise (no residual, or moments unknown).
 
     Why: the allocation prices a chain by its consumer's error relative to the consumer output's variance,
     but in a residual block that error is added to a stream that also carries the skip: the next layers
@@ -102,8 +102,8 @@ def residual_share(ctx: PassContext, consumer: onnx.NodeProto) -> Optional[np.nd
     readers = ctx.graph.uses(consumer.output[0])
     if len(readers) != 1 or readers[0].op_type not in ("Add", "Sum"):
         return None
-    branch = ctx.stats.tensor_moments(consumer.output[0])
-    total = ctx.stats.tensor_moments(readers[0].output[0])
+    branch = ctx.stats.selection_moments(consumer.output[0])
+    total = ctx.stats.selection_moments(readers[0].output[0])
     if branch is None or total is None:
         return None
     var_y, var_s = (np.asarray(x[1], dtype=np.float64) for x in (branch, total))

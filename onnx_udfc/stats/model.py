@@ -59,6 +59,13 @@ class StatisticsModel:
         allocation); `chain_statistics` unless a model measures something closer to what the consumer reads."""
         return self.chain_statistics(chain)
 
+    def selection_moments(self, tensor: str) -> Optional[Moments]:
+        """(mean, var) per channel of `tensor` from the same source as `selection_statistics`: what the
+        allocation weighs a chain's error against (the residual share, a ratio of two tensors' variances,
+        so both must come from one model); `tensor_moments` unless a model answers some tensors from
+        another source."""
+        return self.tensor_moments(tensor)
+
     def input_covariance(self, node) -> Optional[np.ndarray]:
         """(C, C) covariance of a linear layer's input channels, or None if unknown."""
         return None
