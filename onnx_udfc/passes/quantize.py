@@ -12,7 +12,9 @@ correlation; balanced rounding where no covariance is known (the report's `round
 
 The input moments (E[x_c], Var[x_c]) come from the statistics model; without them the clipping is
 unweighted and there is no bias correction (the report says so). The per-channel noise variance
-`sum_c v_c sum_{t,t'} dW[o,c,t] dW[o,c,t'] rho^|t-t'|` is kept for the joint compensation of the consumer.
+`sum_c v_c sum_{t,t'} dW[o,c,t] dW[o,c,t'] rho^|t-t'|` is kept for the joint compensation of the consumer;
+after error feedback, whose rounding errors follow the input correlations, the same form with the whole
+input covariance (`_correlated_noise_variance`).
 
 ConvTranspose (rows (Cout, Cin/g, kh, kw), see `ir.layers`): an output pixel sees only the taps of its
 stride phase, about prod(kernel)/prod(strides) of them, so summing the shift over every tap would
@@ -82,9 +84,10 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         tap_weight = np.maximum(_error_weight(moments, ctx.options.bias_correction), 1e-12)
         tap_weight = tap_weight.reshape((c,) + (1,) * (rows.ndim - 2))
     spec = quant_spec(ctx.options, bits)
-    covariance = tap_correlation = None
+    covariance = tap_correlation = input_covariance = None
     if spec.rounding == "error-feedback" and not grouped and node.op_type != "ConvTranspose" and ctx.stats is not None:
-        covariance = _rounding_hessian(ctx.stats.input_covariance(node), moments, ctx.options.bias_correction)
+        input_covariance = ctx.stats.input_covariance(node)
+        covariance = _rounding_hessian(input_covariance, moments, ctx.options.bias_correction)
         if rows.ndim == 4:  # 1-D and 3-D kernels: taps taken as uncorrelated
             tap_correlation = spatial_correlation(*rows.shape[2:4])
     if uses_error_feedback(rows.shape, spec, covariance):
@@ -111,8 +114,12 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
     if ctx.options.prune > 0:  # read only by the compensation of pruned chains (errors in variables)
         if dw is None:
             dw = np.subtract(rows, wq, dtype=np.float64)
-        var_in = moments[1] if moments is not None else np.ones(c * layer.group)
-        ctx.quant_noise[node.output[0]] = _noise_variance(node, dw, var_in, layer.group, coverage)
+        if covariance is not None:  # error feedback: the rounding errors follow the input correlations
+            noise = _correlated_noise_variance(dw, input_covariance, tap_correlation)
+        else:
+            var_in = moments[1] if moments is not None else np.ones(c * layer.group)
+            noise = _noise_variance(node, dw, var_in, layer.group, coverage)
+        ctx.quant_noise[node.output[0]] = noise
     write_layer(graph, layer, wq, bias)
     record["bits"] = bits
 
@@ -150,6 +157,23 @@ def _error_weight(moments, bias_corrected: bool) -> np.ndarray:
     correction the mean stays too and the weight is `E[x_c^2] = Var[x_c] + E[x_c]^2`."""
     mean, var = (np.asarray(m, np.float64) for m in moments)
     return var if bias_corrected else var + mean ** 2
+
+
+def _correlated_noise_variance(dw: np.ndarray, covariance: np.ndarray, tap_correlation) -> np.ndarray:
+    """(N,) variance of the output error `(W - W~) * x` with the input channels' covariance, for weights
+    rounded with error feedback:
+
+        noise[o] = sum_{c,c',t,t'} dW[o,c,t] dW[o,c',t'] Cov[c,c'] R[t,t']      dW (N, C, T), R (T, T)
+
+    the quadratic form the rounding minimised (without its mean term, which bias correction removes).
+    Error feedback pushes each row's rounding error into directions the inputs hardly vary in, so the
+    diagonal form (`_noise_variance`, independent channels) overstates it."""
+    n, c = dw.shape[:2]
+    d = dw.reshape(n, c, -1)
+    mixed = np.einsum("nct,cd->ndt", d, np.asarray(covariance, np.float64), optimize=True)
+    if d.shape[2] > 1 and tap_correlation is not None:
+        mixed = mixed @ np.asarray(tap_correlation, np.float64)
+    return np.maximum(np.einsum("nct,nct->n", mixed, d), 0.0)
 
 
 def _noise_variance(node, dw: np.ndarray, var_in: np.ndarray, group: int, coverage) -> np.ndarray:
