@@ -25,7 +25,7 @@ def test_correlated_noise_is_the_output_error_variance_under_the_input_covarianc
     taps = spatial_correlation(k, k)
     dw = rng.standard_normal((n, c, k, k)) * 0.01
     predicted = _correlated_noise_variance(dw, cov, taps)
-    samples = 200_000
+    samples = 100_000
     x = rng.standard_normal((samples, c, k * k))
     x = np.einsum("cd,sdt->sct", np.linalg.cholesky(cov), x) @ np.linalg.cholesky(taps).T
     errors = np.einsum("nct,sct->sn", dw.reshape(n, c, -1), x)
