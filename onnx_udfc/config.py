@@ -41,6 +41,13 @@ class Options:
         come from `prior` images, whose samples spread the channel variances; see `StatisticsPass`).
     upstream_noise: treat the compensation residual left upstream as noise on the kept channels of the next
         solve (errors-in-variables shrinkage); off by default: no measurable gain on the Fashion-MNIST VGG.
+    quantization_noise: treat the producer's (and depthwise conv's) weight quantization error as noise on
+        the kept channels of a BN-kept chain's compensation (errors-in-variables shrinkage). Off by default:
+        that error `dW x` is a function of the same input as the signal `W x`, not independent noise, and
+        the shrinkage lost on the ImageNet sample (BN kept, udfc, prune 0.1 / 0.3 / 0.5 + W4, KL with ->
+        without: MobileNetV2 0.244 / 0.985 / 2.981 -> 0.233 / 0.939 / 2.912, EfficientNet-Lite0 0.254 /
+        0.739 / 2.050 -> 0.242 / 0.715 / 1.942; W8 unchanged, W6 / W5 mostly lower; Fashion-MNIST BN kept
+        within 0.4 points; `benchmarks/README.md`, "Quantization noise after error feedback").
     merge_blend: in chains without a BN prior (BN folded at export) and without a depthwise conv, shrink udfc's
         prediction of each removed channel toward Neuron Merging's by the cosine of its merge partner
         (`blend_with_merge`). Fashion-MNIST models exported with BN folded, W6, top-1 averaged over
@@ -118,6 +125,7 @@ class Options:
     ridge: float = 0.001
     selection_ridge: Optional[float] = None
     upstream_noise: bool = False
+    quantization_noise: bool = False
     merge_blend: bool = True
     residual_share: bool = True
     statistics: str = "auto"

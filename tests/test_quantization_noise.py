@@ -55,3 +55,24 @@ def test_error_feedback_noise_is_below_the_independent_channels_estimate():
     diagonal = _noise_variance(_Conv(), dw, np.diag(cov), 1, None)
     assert np.all(correlated < diagonal)
     assert correlated.sum() < 0.7 * diagonal.sum()
+
+
+def test_quantization_noise_in_the_compensation_is_an_option_off_by_default():
+    """Off: the compensation of a BN-kept chain ignores the producer's rounding error (the same output as
+    without any noise); on: it shrinks toward the kept channels' noise, so the consumer weights differ."""
+    import onnx
+
+    from onnx_udfc import compress
+
+    from builders import plain_chain
+
+    model = plain_chain(seed=4)
+    outputs = {}
+    for flag in (False, True):
+        out, _ = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=4,
+                          channel_multiple=1, quantization_noise=flag, validate=False)
+        outputs[flag] = out.SerializeToString()
+    default, _ = compress(onnx.load_from_string(model.SerializeToString()), prune=0.3, bits=4, channel_multiple=1,
+                          validate=False)
+    assert default.SerializeToString() == outputs[False]
+    assert outputs[True] != outputs[False]

@@ -201,15 +201,16 @@ def _compensation(ctx: PassContext, chain: Chain, method: str, statistics, kept:
 def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: np.ndarray) -> Optional[np.ndarray]:
     """Noise variance of the kept channels at the consumer's input (None if there is none).
 
-    Noise = what earlier steps already got wrong: the quantization error of the producer (and of the
-    depthwise conv) and the residual of the compensation upstream (the producer's own input was pruned),
-    as pre-activation variances; through the depthwise kernel the producer's noise counts `||k_m||^2`
+    Noise = what earlier steps already got wrong, each off by default (`Options.quantization_noise`,
+    `Options.upstream_noise`): the quantization error of the producer (and of the depthwise conv) and the
+    residual of the compensation upstream (the producer's own input was pruned), as pre-activation variances; through the depthwise kernel the producer's noise counts `||k_m||^2`
     times; then times the activation's mean slope squared. It shrinks S like errors-in-variables
     regression: a noisy kept channel is trusted less.
     """
     def pre_noise(node):
         out = node.output[0]
-        parts = [ctx.quant_noise.get(out), ctx.residual_noise.get(out) if ctx.options.upstream_noise else None]
+        parts = [ctx.quant_noise.get(out) if ctx.options.quantization_noise else None,
+                 ctx.residual_noise.get(out) if ctx.options.upstream_noise else None]
         parts = [np.asarray(p, np.float64) for p in parts if p is not None and np.size(p) == chain.channels]
         return sum(parts) if parts else None
 

@@ -111,7 +111,8 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         record["bias_correction"] = True
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
-    if ctx.options.prune > 0:  # read only by the compensation of pruned chains (errors in variables)
+    if ctx.options.prune > 0 and ctx.options.quantization_noise:  # read only by the compensation of pruned
+        # chains (errors in variables)
         if dw is None:
             dw = np.subtract(rows, wq, dtype=np.float64)
         if covariance is not None:  # error feedback: the rounding errors follow the input correlations
