@@ -203,8 +203,9 @@ def _kept_channel_noise(ctx: PassContext, chain: Chain, kept: np.ndarray, cov: n
 
     Noise = what earlier steps already got wrong, each off by default (`Options.quantization_noise`,
     `Options.upstream_noise`): the quantization error of the producer (and of the depthwise conv) and the
-    residual of the compensation upstream (the producer's own input was pruned), as pre-activation variances; through the depthwise kernel the producer's noise counts `||k_m||^2`
-    times; then times the activation's mean slope squared. It shrinks S like errors-in-variables
+    residual of the compensation upstream (the producer's own input was pruned), as pre-activation
+    variances; through the depthwise kernel the producer's noise counts `||k_m||^2` times; then times the
+    activation's mean slope squared. It shrinks S like errors-in-variables
     regression: a noisy kept channel is trusted less.
     """
     def pre_noise(node):

@@ -12,9 +12,9 @@ correlation; balanced rounding where no covariance is known (the report's `round
 
 The input moments (E[x_c], Var[x_c]) come from the statistics model; without them the clipping is
 unweighted and there is no bias correction (the report says so). The per-channel noise variance
-`sum_c v_c sum_{t,t'} dW[o,c,t] dW[o,c,t'] rho^|t-t'|` is kept for the joint compensation of the consumer;
-after error feedback, whose rounding errors follow the input correlations, the same form with the whole
-input covariance (`_correlated_noise_variance`).
+`sum_c v_c sum_{t,t'} dW[o,c,t] dW[o,c,t'] rho^|t-t'|` is kept for the joint compensation of the consumer
+when `Options.quantization_noise` asks for it (off by default); after error feedback, whose rounding errors
+follow the input correlations, the same form with the whole input covariance (`_correlated_noise_variance`).
 
 ConvTranspose (rows (Cout, Cin/g, kh, kw), see `ir.layers`): an output pixel sees only the taps of its
 stride phase, about prod(kernel)/prod(strides) of them, so summing the shift over every tap would
@@ -111,8 +111,7 @@ def quantize_layer(ctx: PassContext, node, bits: int) -> None:
         record["bias_correction"] = True
     elif moments is None:
         record["statistics"] = "none for this layer: unweighted clipping, no bias correction"
-    if ctx.options.prune > 0 and ctx.options.quantization_noise:  # read only by the compensation of pruned
-        # chains (errors in variables)
+    if ctx.options.prune > 0 and ctx.options.quantization_noise:  # read by the compensation (errors in variables)
         if dw is None:
             dw = np.subtract(rows, wq, dtype=np.float64)
         if covariance is not None:  # error feedback: the rounding errors follow the input correlations
