@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._error_feedback import MAX_COLUMNS, error_feedback_levels
+from ._error_feedback import MAX_COLUMNS, REFIT_WEIGHT, error_feedback_levels, refit_scales
 from ._rounding import _balance, _row_broadcast_buffers
 
 __all__ = ["QuantSpec", "quantization_grid", "fake_quantize", "uses_error_feedback", "bias_correction", "bias_shift",
@@ -75,10 +75,10 @@ def _levels(bits: int, symmetric: bool) -> tuple[float, float]:
     return 0.0, float(2**bits - 1)
 
 
-def _truncate_mantissa(x: np.ndarray, keep: int) -> np.ndarray:
-    """Round positive ``x`` down to ``keep`` significant bits."""
+def _truncate_mantissa(x: np.ndarray, keep: int, nearest: bool = False) -> np.ndarray:
+    """Round positive ``x`` down (`nearest`: to the nearest) to ``keep`` significant bits."""
     m, e = np.frexp(x)
-    return np.ldexp(np.floor(np.ldexp(m, keep)), e - keep)
+    return np.ldexp((np.rint if nearest else np.floor)(np.ldexp(m, keep)), e - keep)
 
 
 def quantization_grid(lo, hi, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +284,8 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None, input_covariance=None,
     Rounding: nearest, balanced (see ``_rounding.balanced_round``; kernels are the trailing dims
     after axis 1; for 2-D weights each entry is its own kernel, so only the channel stage acts), or
     error feedback through ``input_covariance`` (see ``_error_feedback``; balanced where it does not
-    apply, :func:`uses_error_feedback`).
+    apply, :func:`uses_error_feedback`), after which each row's scale moves half-way to the one refitted
+    to its levels (``_error_feedback.refit_scales``, ``REFIT_WEIGHT``; rounded to the grid's precision).
 
     Args:
         w: (N, ...) weights (typically float32, BN folded), N output channels.
@@ -322,7 +323,13 @@ def fake_quantize(w, spec: QuantSpec, tap_weight=None, input_covariance=None,
     if uses_error_feedback(w.shape, spec, input_covariance):
         taps = w2.shape[1] // w.shape[1]
         corr = np.eye(taps) if tap_correlation is None else np.asarray(tap_correlation, np.float64)
-        levels = error_feedback_levels(w2, scale, zp, qmin, qmax, np.asarray(input_covariance, np.float64), corr)
+        cov = np.asarray(input_covariance, np.float64)
+        levels = error_feedback_levels(w2, scale, zp, qmin, qmax, cov, corr)
+        # the scale moved toward the one refitted to the levels, rounded to the grid's precision (float32-exact
+        # grid values, see above; to the nearest, so that a weight already on its grid keeps its scale)
+        refitted = refit_scales(w2, levels, scale, zp, cov, corr)
+        scale = scale + REFIT_WEIGHT * (refitted - scale)
+        scale = _truncate_mantissa(np.maximum(scale, SCALE_FLOOR), 24 - spec.bits, nearest=True)
         w_q = _grid_values(levels, scale, zp)
     else:
         channels = (w.shape[1] if w.ndim >= 2 else 1) if spec.rounding != "nearest" else None

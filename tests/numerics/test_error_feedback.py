@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from onnx_udfc.numerics._error_feedback import DAMP, error_feedback_levels, upper_inverse_cholesky
+from onnx_udfc.numerics._error_feedback import DAMP, error_feedback_levels, refit_scales, upper_inverse_cholesky
 from onnx_udfc.numerics.quantize import QuantSpec, fake_quantize, uses_error_feedback
 from onnx_udfc.stats.propagate import spatial_correlation
 
@@ -77,6 +77,40 @@ def test_error_feedback_lowers_the_covariance_weighted_error(shape):
     nearest, _, _ = fake_quantize(w, QuantSpec(bits=4, rounding="nearest"))
     assert expected_error(w, ef, cov, tap_corr) < 0.7 * min(expected_error(w, balanced, cov, tap_corr),
                                                             expected_error(w, nearest, cov, tap_corr))
+
+
+@pytest.mark.parametrize("taps", [1, 9])
+def test_refitted_scale_is_the_least_squares_scale_of_the_levels(taps):
+    """Per row, the refitted scale minimises (w - s u)^T H (w - s u) over s (u = q - zp, H = Sigma kron R),
+    checked against the dense H and a scan of scales, in row blocks smaller than the layer."""
+    rng = np.random.default_rng(taps + 20)
+    c, n = 10, 7
+    cov = correlated_covariance(c, seed=taps)
+    tap_corr = spatial_correlation(3, 3) if taps == 9 else np.ones((1, 1))
+    w2 = rng.standard_normal((n, c * taps))
+    scale, zp = np.full(n, 0.3), np.full(n, 7.0)
+    levels = error_feedback_levels(w2, scale, zp, 0.0, 15.0, cov, tap_corr)
+    fitted = refit_scales(w2, levels, scale, zp, cov, tap_corr, block_rows=3)
+    h = np.kron(cov, tap_corr)
+    u = levels - zp[:, None]
+    assert np.allclose(fitted, np.einsum("od,de,oe->o", u, h, w2) / np.einsum("od,de,oe->o", u, h, u), rtol=1e-12)
+
+    def error(s):
+        d = w2 - s[:, None] * u
+        return np.einsum("od,de,oe->o", d, h, d)
+
+    assert np.all(error(fitted) <= error(scale) + 1e-12)
+    for factor in np.linspace(0.8, 1.2, 41):
+        assert np.all(error(fitted) <= error(fitted * factor) + 1e-12)
+
+
+def test_refit_keeps_the_scale_where_the_levels_say_nothing():
+    """A row of zero levels (all at the zero point) has no scale to fit: it keeps its own."""
+    cov = correlated_covariance(4, seed=2)
+    w2 = np.zeros((2, 4))
+    levels = np.full((2, 4), 3.0)
+    fitted = refit_scales(w2, levels, np.array([0.5, 0.25]), np.array([3, 3]), cov, np.ones((1, 1)))
+    assert np.array_equal(fitted, [0.5, 0.25])
 
 
 def test_error_feedback_keeps_the_grid_and_is_idempotent():
