@@ -22,13 +22,14 @@ that re-quantization recovers, are unchanged.
 The levels fixed, each row's scale then moves half-way (`REFIT_WEIGHT`) to the scale that minimises the same
 objective (`refit_scales`): the grid was chosen before the rounding (MSE clipping of nearest rounding, with
 per-channel weights only), and the error feedback moved the levels off nearest. ImageNet sample, udfc, KL to
-the original, before -> full refit -> half-way (top-1 within 2-4 of 500 images throughout): W5 MobileNetV2 BN
-kept 0.0264 -> 0.0260 -> 0.0261, EfficientNet-Lite0 0.0245 -> 0.0232 -> 0.0237, folded 0.0396 -> 0.0389 ->
-0.0392 and 0.0346 -> 0.0341 -> 0.0342; W4 0.1213 -> 0.1186 -> 0.1194, 0.1082 -> 0.1035 -> 0.1053, 0.1732 ->
-0.1707 -> 0.1714, 0.1497 -> 0.1512 -> 0.1497. Pruned W4 (prune 0.1 / 0.3, the four exports): the full refit
-lowered the KL in 7 of 8 cells but top-1 in 6 (by 1-4 images), half-way lowered the KL in all 8 with top-1
-even (-2 images summed). Rounding and refit alternated two or three times was worse (W4 MobileNetV2 BN kept
-KL 0.131 / 0.122): the covariance is a model, and the half step hedges against it.
+the original, before -> full refit (an experiment) -> half-way (`results/imagenet_scale_refit.md`; top-1
+within 1-5 of 500 images either way): W5 MobileNetV2 BN kept 0.0264 -> 0.0260 -> 0.0261, EfficientNet-Lite0
+0.0245 -> 0.0232 -> 0.0238, folded 0.0396 -> 0.0389 -> 0.0392 and 0.0346 -> 0.0341 -> 0.0342; W4 0.1213 ->
+0.1186 -> 0.1194, 0.1082 -> 0.1035 -> 0.1031, 0.1732 -> 0.1707 -> 0.1714, 0.1497 -> 0.1512 -> 0.1497. Pruned
+W4 (prune 0.1 / 0.3, the four exports): the full refit lowered the KL in 7 of 8 cells but top-1 in 6 (by 1-4
+images), half-way lowered the KL in all 8 with top-1 even. Rounding and refit alternated two or three times
+was worse (W4 MobileNetV2 BN kept KL 0.131 / 0.122): the covariance is a model, and the half step hedges
+against it.
 
 Cost per layer ``N * D^2`` flops (the same order as the Hessian-weighted error itself) and ``N * D``
 float64 of working memory; `MAX_COLUMNS` bounds D, wider layers keep the balanced rounding.
@@ -150,7 +151,7 @@ def refit_scales(w2: np.ndarray, levels: np.ndarray, scale: np.ndarray, zp: np.n
         w2: (N, C * T) weights; levels: (N, C * T) integer levels; scale, zp: (N,) the grid they were rounded on.
         channel_cov: (C, C) the rounding's input covariance; tap_corr: (T, T) the taps' correlation.
     """
-    n, d = w2.shape
+    n = w2.shape[0]
     c, t = channel_cov.shape[0], tap_corr.shape[0]
     out = np.array(scale, dtype=np.float64)
     cov = np.asarray(channel_cov, np.float64)
