@@ -66,7 +66,8 @@ def load_rows(results_dir: str) -> List[dict]:
 
 #: grids run with the current code: in the per-model plots their rows win a cell over older files' rows
 #: (the first listed first); cells they do not hold come from the other files, the first file by name winning
-CURRENT_SOURCES = ("imagenet_bn_no_quant_noise_w4.json", "imagenet_bn_no_quant_noise.json",
+CURRENT_SOURCES = ("imagenet_bn_w4_refit.json", "imagenet_scale_refit.json", "fmnist_scale_refit.json",
+                   "imagenet_bn_no_quant_noise_w4.json", "imagenet_bn_no_quant_noise.json",
                    "fmnist_bn_no_quant_noise.json", "imagenet_bn_lowbit_noise.json", "fmnist_bn_lowbit_noise.json",
                    "imagenet_grid_current_bn.json", "imagenet_folded_lowbit_share.json",
                    "imagenet_grid_folded_dwavg.json", "imagenet_grid_current_folded.json", "fmnist_grid_samples128.json", "fmnist_grid_probe_contrast.json",
