@@ -137,15 +137,26 @@ def error_feedback_levels(w2: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmi
     return np.ascontiguousarray(out.T)
 
 
+def kronecker_times(x: np.ndarray, channel_cov: np.ndarray, tap_corr=None) -> np.ndarray:
+    """``H x_o`` for every row of `x` (b, C, T), ``H = Sigma_C kron R_T``: ``Sigma X_o R`` with ``X_o`` the
+    (C, T) row, as one GEMM over the (b * T, C) rows ``X_o^T`` (Sigma is symmetric) and a batched product with
+    R (`tap_corr` None: identity). (b, C, T) float64."""
+    b, c, t = x.shape
+    rows = np.ascontiguousarray(np.asarray(x, np.float64).transpose(0, 2, 1)).reshape(b * t, c)
+    out = (rows @ np.asarray(channel_cov, np.float64)).reshape(b, t, c).transpose(0, 2, 1)
+    if t > 1 and tap_corr is not None:
+        out = np.matmul(out, np.asarray(tap_corr, np.float64))
+    return out
+
+
 def refit_scales(w2: np.ndarray, levels: np.ndarray, scale: np.ndarray, zp: np.ndarray, channel_cov: np.ndarray,
                  tap_corr: np.ndarray, block_rows: int = 256) -> np.ndarray:
     """(N,) scales minimising the rounding objective of each row with its levels fixed:
 
         s_o = (u_o^T H w_o) / (u_o^T H u_o),   u_o = q_o - zp_o (C * T,),   H = Sigma_C kron R_T
 
-    ``H u_o`` is ``Sigma U_o R`` with ``U_o`` the (C, T) reshape of ``u_o``; rows in blocks of `block_rows`
-    (two (block, C, T) float64 temporaries). Rows whose denominator or refitted scale is not positive and
-    finite keep `scale`. The result is not yet truncated to the grid's precision.
+    ``H u_o`` by `kronecker_times`; rows in blocks of `block_rows` (two (block, C, T) float64 temporaries).
+    Rows whose denominator or refitted scale is not positive and finite keep `scale`. The result is not yet truncated to the grid's precision.
 
     Args:
         w2: (N, C * T) weights; levels: (N, C * T) integer levels; scale, zp: (N,) the grid they were rounded on.
@@ -160,10 +171,7 @@ def refit_scales(w2: np.ndarray, levels: np.ndarray, scale: np.ndarray, zp: np.n
         r1 = min(n, r0 + block_rows)
         b = r1 - r0
         u = levels[r0:r1].reshape(b, c, t) - zp[r0:r1, None, None].astype(np.float64)
-        # Sigma U_o for the whole block as one GEMM over the (b * T, C) rows U_o^T (Sigma is symmetric)
-        hu = (np.ascontiguousarray(u.transpose(0, 2, 1)).reshape(b * t, c) @ cov).reshape(b, t, c).transpose(0, 2, 1)
-        if t > 1:
-            hu = np.matmul(hu, corr)  # (b, C, T): Sigma U_o R
+        hu = kronecker_times(u, cov, corr)
         num = np.einsum("bct,bct->b", hu, w2[r0:r1].reshape(b, c, t).astype(np.float64))
         den = np.einsum("bct,bct->b", hu, u)
         with np.errstate(divide="ignore", invalid="ignore"):

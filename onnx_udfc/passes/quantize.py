@@ -33,6 +33,7 @@ import numpy as np
 
 from ..ir.graph import attr
 from ..ir.layers import read_layer, write_layer
+from ..numerics._error_feedback import kronecker_times
 from ..numerics.quantize import (MAX_COLUMNS, QuantSpec, bias_correction, bias_shift, fake_quantize,
                                 uses_error_feedback)
 from ..stats.propagate import linear_moments, spatial_correlation, transposed_linear_moments
@@ -168,12 +169,8 @@ def _correlated_noise_variance(dw: np.ndarray, covariance: np.ndarray, tap_corre
     the quadratic form the rounding minimised (without its mean term, which bias correction removes).
     Error feedback pushes each row's rounding error into directions the inputs hardly vary in, so the
     diagonal form (`_noise_variance`, independent channels) overstates it."""
-    n, c = dw.shape[:2]
-    d = dw.reshape(n, c, -1)
-    mixed = np.einsum("nct,cd->ndt", d, np.asarray(covariance, np.float64), optimize=True)
-    if d.shape[2] > 1 and tap_correlation is not None:
-        mixed = mixed @ np.asarray(tap_correlation, np.float64)
-    return np.maximum(np.einsum("nct,nct->n", mixed, d), 0.0)
+    d = dw.reshape(dw.shape[0], dw.shape[1], -1)
+    return np.maximum(np.einsum("nct,nct->n", kronecker_times(d, covariance, tap_correlation), d), 0.0)
 
 
 def _noise_variance(node, dw: np.ndarray, var_in: np.ndarray, group: int, coverage) -> np.ndarray:
