@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-merge-blend", action="store_true",
                    help="udfc on BN-folded chains: plain least squares, without shrinking each removed channel's "
                         "prediction toward its Neuron Merging partner")
+    p.add_argument("--no-restore-variance", action="store_true",
+                   help="udfc: keep the least-squares compensation as solved, without scaling each consumer "
+                        "output back to its original variance")
     p.add_argument("--no-residual-share", action="store_true",
                    help="global allocation: price a chain whose consumer output is added into a residual sum by "
                         "the error relative to that output, not to the sum")
@@ -191,7 +194,7 @@ def _compress_to(staged: str, args, model, checked_bytes, reload_input, shapes):
         statistics=args.statistics, samples=args.samples, synthetic_inputs=args.synthetic_inputs,
         select=args.select, allocation=args.allocation, channel_multiple=args.channel_multiple, grid=args.grid, clip=args.clip, rounding=args.rounding,
         bias_correction=not args.no_bias_correction, merge_blend=not args.no_merge_blend,
-        residual_share=not args.no_residual_share,
+        residual_share=not args.no_residual_share, restore_variance=not args.no_restore_variance,
         first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits,
         depthwise_bits=None if args.depthwise_bits == 0 else args.depthwise_bits, debug=args.debug)
     t1 = time.perf_counter()

@@ -324,6 +324,28 @@ def test_no_residual_share_reaches_the_allocation(tmp_path):
     assert removed[False] > removed[True]
 
 
+def test_no_restore_variance_keeps_the_solved_compensation(tmp_path):
+    """udfc scales each pruned chain's consumer output back to its modelled variance and says by how much;
+    `--no-restore-variance` leaves the solved compensation (same channels removed)."""
+    path = tmp_path / "m.onnx"
+    onnx.save(plain_chain(seed=4), str(path))
+    runs = {}
+    for flag in ([], ["--no-restore-variance"]):
+        rep, out = tmp_path / f"r{len(flag)}.json", tmp_path / f"o{len(flag)}.onnx"
+        assert main([str(path), str(out), "--prune", "0.3", "--no-validate", "-q", "--report", str(rep), *flag]) == 0
+        report = json.loads(rep.read_text())
+        assert report["options"]["restore_variance"] is not bool(flag)
+        pruned = [l for l in report["layers"] if l.get("channels_after", 0) < l.get("channels_before", 0)]
+        assert pruned
+        scales = [l.get("variance_scale") for l in pruned]
+        if flag:
+            assert scales == [None] * len(pruned)
+        else:
+            assert all(1.0 <= s["mean"] <= s["max"] <= 2.0 for s in scales) and any(s["max"] > 1.0 for s in scales)
+        runs[bool(flag)] = (out.read_bytes(), [l["pruned"] for l in pruned])
+    assert runs[True][0] != runs[False][0] and runs[True][1] == runs[False][1]
+
+
 def test_dynamic_spatial_dims_need_input_shape(tmp_path):
     model = plain_chain()
     dims = model.graph.input[0].type.tensor_type.shape.dim

@@ -22,6 +22,8 @@ __all__ = [
     "blend_with_merge",
     "unobserved_variance",
     "apply_compensation",
+    "variance_restoring_scale",
+    "rescale_about_mean",
     "compensation_error",
 ]
 
@@ -272,6 +274,80 @@ def apply_compensation(V, S, t, tap_weights=None) -> tuple[np.ndarray, np.ndarra
     bias_delta = per_tap.sum(axis=2) @ t
     dtype = V.dtype if np.issubdtype(V.dtype, np.floating) else np.float64
     return np.ascontiguousarray(v_new).astype(dtype), bias_delta
+
+
+#: largest per-output-channel scale of `variance_restoring_scale`: a compensation that explains less than a
+#: quarter of an output's variance is not inflated further
+MAX_VARIANCE_SCALE = 2.0
+
+
+def variance_restoring_scale(v_taps, cov, v_new, kept, max_scale: float = MAX_VARIANCE_SCALE) -> np.ndarray:
+    """(M,) scale per consumer output channel that gives the compensated output the original's variance:
+
+        k_m = sqrt(Var[y_m] / Var[y'_m]),  clipped to [1, max_scale],
+        Var[y_m]  = sum_t V_t[m] cov V_t[m]^T            (y = sum_t V_t a, the original consumer)
+        Var[y'_m] = sum_t V'_t[m] cov_KK V'_t[m]^T       (y' = sum_t V'_t a_K + b', compensated)
+
+    (taps read independent positions, as in the selection's error). The least-squares compensation predicts
+    y by its conditional mean given the kept channels, whose variance falls short of y's by the expected
+    error: ``Var[y'] = Var[y] - err``. Downstream layers keep their BN scales (running statistics, or folded
+    weights), so every pruned chain hands a narrower signal on, and the shortfalls compound over depth: the
+    same drift that BN re-estimation after pruning corrects with data. Scaling ``y' - E[y']`` by k restores
+    the variance the next layers were trained for, at a small cost in this layer's own error
+    (``E[(y - y'')^2] = err + (k - 1)^2 Var[y']``).
+
+    Args:
+        v_taps: (M, N, T) original consumer taps; cov: (N, N) the chain's activation covariance;
+        v_new: (M, K, T) compensated consumer taps (`apply_compensation`); kept: (K,) kept channels (columns
+        of v_new). Taps weighted by sqrt(coverage) for a ConvTranspose (`passes.prune.error_taps`).
+
+    Returns:
+        k: (M,) float64; 1 where either variance vanishes.
+    """
+    v_taps = np.asarray(v_taps, dtype=np.float64)
+    v_new = np.asarray(v_new, dtype=np.float64)
+    cov = np.asarray(cov, dtype=np.float64)
+    kept = _kept(kept, cov.shape[0])
+    m, n, t = v_taps.shape
+    if v_new.shape != (m, kept.size, t):
+        raise ValueError(f"v_new must be ({m}, {kept.size}, {t}), got {v_new.shape}")
+    var_y = _tap_variances(v_taps, cov)
+    var_kept = _tap_variances(v_new, cov[np.ix_(kept, kept)])
+    scale = np.ones(m)
+    ok = (var_y > 0) & (var_kept > 0)
+    scale[ok] = np.sqrt(var_y[ok] / var_kept[ok])
+    return np.clip(scale, 1.0, max_scale)
+
+
+def _tap_variances(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """(M,) ``sum_t V_t[m] cov V_t[m]^T`` for taps (M, C, T), cov (C, C): one (M*T, C) x (C, C) product."""
+    m, c, t = v_taps.shape
+    rows = np.ascontiguousarray(v_taps.transpose(0, 2, 1)).reshape(m * t, c)
+    return np.einsum("rc,rc->r", rows @ cov, rows).reshape(m, t).sum(axis=1)
+
+
+def rescale_about_mean(v_new, bias, mean_kept, scale, tap_weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """The consumer ``y' = sum_t V'_t a_K + b'`` with its deviation from its mean scaled per output channel:
+    ``y'' = E[y'] + k (y' - E[y'])``, i.e. ``V'' = k V'``, ``b'' = k b' + (1 - k) E[y']`` with
+    ``E[y'] = sum_t w_t V'_t E[a_K] + b'`` (w: tap coverage, 1 but for a ConvTranspose). The mean the
+    compensation chose is kept.
+
+    Args:
+        v_new: (M, K, *taps); bias: (M,) or None (0); mean_kept: (K,) E[a_K]; scale: (M,) k.
+
+    Returns:
+        (V'' with v_new's dtype and shape, b'' (M,) float64).
+    """
+    v_new = np.asarray(v_new)
+    m, k = v_new.shape[:2]
+    scale = np.asarray(scale, dtype=np.float64).reshape(m)
+    bias = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64).reshape(m)
+    per_tap = v_new.reshape(m, k, -1).astype(np.float64)
+    if tap_weights is not None:
+        per_tap = per_tap * np.asarray(tap_weights, np.float64).reshape(1, 1, -1)
+    mean_out = per_tap.sum(axis=2) @ np.asarray(mean_kept, dtype=np.float64).reshape(k) + bias
+    shape = (m,) + (1,) * (v_new.ndim - 1)
+    return (v_new * scale.reshape(shape)).astype(v_new.dtype, copy=False), scale * bias + (1.0 - scale) * mean_out
 
 
 def compensation_error(V, mean, cov, S, t, kept=None, spatial_rho: float = 0.0) -> float:

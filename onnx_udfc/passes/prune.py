@@ -7,7 +7,9 @@ For a chain producer -> [act, pools] -> [depthwise -> act] -> consumer with N ch
    none: S = I on K, t = 0;  mean: pruned rows t_m = E[a_m];  merge: Neuron Merging partner scales;
    udfc: best affine predictor under the statistics model, with the producer's quantization noise on
    the kept channels (the per-channel S' of UDFC for kept rows);
-3. consumer absorbs it: `V'[:, k] = sum_j V[:, j] S[j, k]`, `b' = b + sum_j t_j sum_taps V[:, j]`;
+3. consumer absorbs it: `V'[:, k] = sum_j V[:, j] S[j, k]`, `b' = b + sum_j t_j sum_taps V[:, j]`; with
+   udfc, each output's deviation from its mean is then scaled back to the original output's variance
+   (`variance_restoring_scale`, `Options.restore_variance`);
 4. delete rows P of the producer (weight, bias), of the depthwise conv (and set its group to |K|),
    and the consumer's input slices.
 """
@@ -21,7 +23,8 @@ import numpy as np
 from ..ir.graph import set_attr
 from ..ir.layers import read_layer, write_layer
 from ..numerics.compensation import (apply_compensation, blend_with_merge, mean_compensation, neuron_merging,
-                                     solve_affine_compensation, unobserved_variance)
+                                     rescale_about_mean, solve_affine_compensation, unobserved_variance,
+                                     variance_restoring_scale)
 from ..numerics.selection import aligned_removal, effective_multiple, select_by_expected_error, select_by_norm
 from ..patterns.chains import Chain
 from .base import PassContext
@@ -110,6 +113,11 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     consumer_bias = consumer.bias
     if np.any(bias_delta != 0):
         consumer_bias = (np.zeros(consumer.out_channels) if consumer_bias is None else consumer_bias) + bias_delta
+    if method == "udfc" and options.restore_variance and statistics is not None:
+        scale = variance_restoring_scale(error_taps(v_taps, tap_weights), statistics[1],
+                                         error_taps(v_new, tap_weights), kept)
+        v_new, consumer_bias = rescale_about_mean(v_new, consumer_bias, statistics[0][kept], scale, tap_weights)
+        record["variance_scale"] = {"mean": round(float(scale.mean()), 4), "max": round(float(scale.max()), 4)}
     write_layer(graph, consumer, v_new.reshape(consumer.rows.shape[0], -1, *consumer.rows.shape[2:]), consumer_bias)
     write_layer(graph, producer, producer.rows[kept], None if producer.bias is None else producer.bias[kept])
     if chain.depthwise is not None:

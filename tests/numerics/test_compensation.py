@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 
-from onnx_udfc.numerics.compensation import (apply_compensation, blend_with_merge, compensation_error,
-                                             mean_compensation, merge_partners, neuron_merging,
-                                             solve_affine_compensation, unobserved_variance)
+from onnx_udfc.numerics.compensation import (MAX_VARIANCE_SCALE, apply_compensation, blend_with_merge,
+                                             compensation_error, mean_compensation, merge_partners, neuron_merging,
+                                             rescale_about_mean, solve_affine_compensation, unobserved_variance,
+                                             variance_restoring_scale)
 
 
 def _random_stats(rng, n, rank=None):
@@ -284,3 +285,76 @@ def test_unobserved_variance_bounds_the_weight_on_a_nearly_constant_channel():
     assert real_error[1] < 0.05 * real_error[0]
     synthetic_error = [compensation_error(v, mean, synthetic, *st, kept=kept) for st in (floored, by_mean)]
     assert synthetic_error[0] < synthetic_error[1]
+
+
+def _sample_taps(a, taps):
+    """(S, N, T) samples of the T positions a consumer's taps read, independent between positions."""
+    return np.stack([a[np.random.default_rng(10 + i).permutation(a.shape[0])] for i in range(taps)], axis=2)
+
+
+def test_variance_restoration_matches_monte_carlo():
+    """On samples from the model the compensated, rescaled consumer output has the original output's variance
+    per channel (the scale is not clipped here) and the compensated output's mean."""
+    rng = np.random.default_rng(5)
+    n, m, taps = 10, 4, 3
+    mean, cov = _random_stats(rng, n)
+    v = rng.standard_normal((m, n, taps))
+    kept = np.array([0, 1, 4, 6, 7, 9])
+    s, t = solve_affine_compensation(mean, cov, kept)
+    v_new, bias_delta = apply_compensation(v, s, t)
+    bias = rng.standard_normal(m)
+    scale = variance_restoring_scale(v, cov, v_new, kept)
+    assert np.all(scale > 1.0) and np.all(scale < MAX_VARIANCE_SCALE)
+    v_out, b_out = rescale_about_mean(v_new, bias + bias_delta, mean[kept], scale)
+
+    x = _sample_taps(rng.multivariate_normal(mean, cov, size=400_000), taps)  # (S, N, T)
+    y = np.einsum("mnt,snt->sm", v, x) + bias
+    compensated = np.einsum("mkt,skt->sm", v_new, x[:, kept]) + bias + bias_delta
+    restored = np.einsum("mkt,skt->sm", v_out, x[:, kept]) + b_out
+    np.testing.assert_allclose(restored.var(axis=0), y.var(axis=0), rtol=0.02)
+    np.testing.assert_allclose(restored.mean(axis=0), compensated.mean(axis=0), atol=0.02 * y.std(axis=0).max())
+    assert np.all(compensated.var(axis=0) < 0.97 * y.var(axis=0))  # what the scale makes up for
+
+
+def test_variance_restoration_is_one_where_the_prediction_is_exact():
+    """A removed channel that is an exact multiple of a kept one is reconstructed exactly: nothing to restore."""
+    rng = np.random.default_rng(6)
+    base = rng.standard_normal((6, 9))
+    cov_kept = base @ base.T / 9
+    mix = np.eye(7, 6)
+    mix[6, 2] = 1.7  # channel 6 = 1.7 * channel 2
+    cov = mix @ cov_kept @ mix.T
+    mean = mix @ rng.normal(size=6)
+    kept = np.arange(6)
+    s, t = solve_affine_compensation(mean, cov, kept)
+    v = rng.standard_normal((3, 7, 1))
+    v_new, _ = apply_compensation(v, s, t)
+    np.testing.assert_allclose(variance_restoring_scale(v, cov, v_new, kept), 1.0, atol=1e-6)
+
+
+def test_variance_restoration_is_clipped_and_leaves_silent_outputs_alone():
+    rng = np.random.default_rng(7)
+    n = 6
+    mean, cov = _random_stats(rng, n)
+    v = rng.standard_normal((3, n, 1))
+    v[2] = 0.0  # an output that reads nothing
+    kept = np.array([0])
+    v_new = np.zeros((3, 1, 1))
+    v_new[0, 0, 0] = 1e-3  # explains almost nothing of output 0; output 1 reads no kept channel at all
+    scale = variance_restoring_scale(v, cov, v_new, kept)
+    np.testing.assert_array_equal(scale, [MAX_VARIANCE_SCALE, 1.0, 1.0])
+
+
+def test_rescale_about_mean_keeps_the_mean_with_tap_coverage():
+    """``y'' = E[y'] + k (y' - E[y'])``: the bias moves so that the mean (taps weighted by their coverage, as a
+    ConvTranspose's bias correction counts them) stays put."""
+    rng = np.random.default_rng(8)
+    v_new = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    bias, mean_kept, scale = rng.standard_normal(4), rng.normal(1.0, 1.0, 3), rng.uniform(1.0, 2.0, 4)
+    coverage = np.array([0.25, 0.25, 0.5, 1.0])
+    out, b = rescale_about_mean(v_new, bias, mean_kept, scale, tap_weights=coverage)
+    assert out.dtype == np.float32 and out.shape == v_new.shape
+    mean_before = (v_new.reshape(4, 3, 4) * coverage).sum(axis=2) @ mean_kept + bias
+    mean_after = (out.reshape(4, 3, 4).astype(np.float64) * coverage).sum(axis=2) @ mean_kept + b
+    np.testing.assert_allclose(mean_after, mean_before, rtol=1e-5)
+    np.testing.assert_allclose(out, v_new * scale[:, None, None, None].astype(np.float32), rtol=1e-6)
