@@ -72,10 +72,11 @@ class Options:
         the ReLU on the sum (retrained models, share before -> after the ReLU): BN kept 0.9232 / 0.9132 / 0.8331
         -> 0.9245 / 0.9178 / 0.8331, BN folded 0.9113 / 0.7599 / 0.4011 -> 0.9173 / 0.8099 / 0.4130.
     restore_variance: after udfc's compensation, scale each consumer output's deviation from its mean so that
-        its modelled variance is the original output's (`numerics.compensation.variance_restoring_scale`,
-        at most 2x): the least-squares prediction is narrower than the signal it replaces by its expected
-        error, and the shortfalls compound through the layers after it (a data-free stand-in for re-estimating
-        BN statistics after pruning). Measurements: `benchmarks/README.md`, "Variance restoration".
+        its modelled variance is the original output's (`numerics.compensation.variance_restoring_scale`;
+        outputs whose prediction explains less than 40% of their variance are left as solved): the
+        least-squares prediction is narrower than the signal it replaces by its expected error, and the
+        shortfalls compound through the layers after it (a data-free stand-in for re-estimating BN statistics
+        after pruning). Measurements: `benchmarks/README.md`, "Variance restoration".
     statistics: where chain covariances come from: `analytic` (BN prior and weights), `synthetic`
         (`samples` seeded synthetic images, see synthetic_inputs, pushed through the model, BNs on batch statistics), `combined`
         (the average of both), or `auto` (combined when the model kept its BN layers, synthetic when BN

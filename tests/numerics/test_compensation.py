@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from onnx_udfc.numerics.compensation import (MAX_VARIANCE_SCALE, apply_compensation, blend_with_merge,
+from onnx_udfc.numerics.compensation import (MIN_EXPLAINED_SHARE, apply_compensation, blend_with_merge,
                                              compensation_error, mean_compensation, merge_partners, neuron_merging,
                                              rescale_about_mean, solve_affine_compensation, unobserved_variance,
                                              variance_restoring_scale)
@@ -294,7 +294,7 @@ def _sample_taps(a, taps):
 
 def test_variance_restoration_matches_monte_carlo():
     """On samples from the model the compensated, rescaled consumer output has the original output's variance
-    per channel (the scale is not clipped here) and the compensated output's mean."""
+    per channel and the compensated output's mean."""
     rng = np.random.default_rng(5)
     n, m, taps = 10, 4, 3
     mean, cov = _random_stats(rng, n)
@@ -303,8 +303,8 @@ def test_variance_restoration_matches_monte_carlo():
     s, t = solve_affine_compensation(mean, cov, kept)
     v_new, bias_delta = apply_compensation(v, s, t)
     bias = rng.standard_normal(m)
-    scale = variance_restoring_scale(v, cov, v_new, kept)
-    assert np.all(scale > 1.0) and np.all(scale < MAX_VARIANCE_SCALE)
+    scale = variance_restoring_scale(v, cov, v_new, kept, min_explained=0.0)
+    assert np.all(scale > 1.0)
     v_out, b_out = rescale_about_mean(v_new, bias + bias_delta, mean[kept], scale)
 
     x = _sample_taps(rng.multivariate_normal(mean, cov, size=400_000), taps)  # (S, N, T)
@@ -332,17 +332,19 @@ def test_variance_restoration_is_one_where_the_prediction_is_exact():
     np.testing.assert_allclose(variance_restoring_scale(v, cov, v_new, kept), 1.0, atol=1e-6)
 
 
-def test_variance_restoration_is_clipped_and_leaves_silent_outputs_alone():
-    rng = np.random.default_rng(7)
-    n = 6
-    mean, cov = _random_stats(rng, n)
-    v = rng.standard_normal((3, n, 1))
-    v[2] = 0.0  # an output that reads nothing
+def test_variance_restoration_leaves_weak_predictions_and_silent_outputs_alone():
+    """An output whose compensated prediction explains less than `MIN_EXPLAINED_SHARE` of its variance, reads
+    no kept channel, or reads nothing keeps scale 1; one just above the share gets the full scale."""
+    n = 4
+    cov = np.eye(n)
     kept = np.array([0])
-    v_new = np.zeros((3, 1, 1))
-    v_new[0, 0, 0] = 1e-3  # explains almost nothing of output 0; output 1 reads no kept channel at all
+    v = np.zeros((4, n, 1))
+    v[:, :, 0] = [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0]]  # Var[y] = 4 for the first three
+    v_new = np.zeros((4, 1, 1))
+    v_new[0, 0, 0] = np.sqrt(4 * (MIN_EXPLAINED_SHARE - 0.01))  # explains a bit less than the share
+    v_new[1, 0, 0] = np.sqrt(4 * (MIN_EXPLAINED_SHARE + 0.01))  # a bit more
     scale = variance_restoring_scale(v, cov, v_new, kept)
-    np.testing.assert_array_equal(scale, [MAX_VARIANCE_SCALE, 1.0, 1.0])
+    np.testing.assert_allclose(scale, [1.0, 1 / np.sqrt(MIN_EXPLAINED_SHARE + 0.01), 1.0, 1.0])
 
 
 def test_rescale_about_mean_keeps_the_mean_with_tap_coverage():
