@@ -66,7 +66,8 @@ def load_rows(results_dir: str) -> List[dict]:
 
 #: grids run with the current code: in the per-model plots their rows win a cell over older files' rows
 #: (the first listed first); cells they do not hold come from the other files, the first file by name winning
-CURRENT_SOURCES = ("imagenet_bn_w4_refit.json", "imagenet_scale_refit.json", "fmnist_scale_refit.json",
+CURRENT_SOURCES = ("imagenet_bn_restore_variance.json", "imagenet_folded_restore_variance.json",
+                   "fmnist_restore_variance.json", "imagenet_bn_w5_refit.json", "imagenet_bn_w4_refit.json", "imagenet_scale_refit.json", "fmnist_scale_refit.json",
                    "imagenet_bn_no_quant_noise_w4.json", "imagenet_bn_no_quant_noise.json",
                    "fmnist_bn_no_quant_noise.json", "imagenet_bn_lowbit_noise.json", "fmnist_bn_lowbit_noise.json",
                    "imagenet_grid_current_bn.json", "imagenet_folded_lowbit_share.json",
@@ -190,9 +191,11 @@ HEADLINE_IMAGENET_MODELS = ("mobilenetv2_bn", "efficientnet_lite0_bn")
 HEADLINE_FMNIST_SOURCES = ("fmnist_samples64_methods.json", "fmnist_merge_blend.json", "fmnist_hourglass.json",
                            "fmnist_grid_folded_pooled.json", "fmnist_grid_folded_current.json",
                            "fmnist_grid_folded_sqrt.json", "fmnist_grid_residual_share.json",
-                           "fmnist_grid_probe_contrast.json", "fmnist_grid_samples128.json")
+                           "fmnist_grid_probe_contrast.json", "fmnist_grid_samples128.json",
+                           "fmnist_restore_variance.json")
 #: the same for the ImageNet panel (quantization rows, then pruning rows with 64 synthetic images)
-HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json", "imagenet_grid_current_bn.json")
+HEADLINE_IMAGENET_SOURCES = ("imagenet_final_quant.json", "imagenet_samples64.json", "imagenet_grid_current_bn.json",
+                             "imagenet_bn_restore_variance.json")
 
 
 def _latest(rows: Sequence[dict], sources: Sequence[str] = ()) -> List[dict]:

@@ -73,7 +73,7 @@ class Options:
         -> 0.9245 / 0.9178 / 0.8331, BN folded 0.9113 / 0.7599 / 0.4011 -> 0.9173 / 0.8099 / 0.4130.
     restore_variance: after udfc's compensation, scale each consumer output's deviation from its mean so that
         its modelled variance is the original output's (`numerics.compensation.variance_restoring_scale`;
-        outputs whose prediction explains less than 40% of their variance are left as solved): the
+        outputs whose prediction explains less than 60% of their variance are left as solved): the
         least-squares prediction is narrower than the signal it replaces by its expected error, and the
         shortfalls compound through the layers after it (a data-free stand-in for re-estimating BN statistics
         after pruning). Measurements: `benchmarks/README.md`, "Variance restoration".
