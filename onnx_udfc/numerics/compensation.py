@@ -277,13 +277,14 @@ def apply_compensation(V, S, t, tap_weights=None) -> tuple[np.ndarray, np.ndarra
     return np.ascontiguousarray(v_new).astype(dtype), bias_delta
 
 
-#: `variance_restoring_scale` scales only outputs whose compensated prediction explains at least this share of
-#: their modelled variance (``Var[y'] >= share Var[y]``, k <= 1 / sqrt(share) = 1.29). Below it the prediction is too weak to be scaled
-#: up: on EfficientNet-Lite0 at prune 0.5 the outputs past that point (1152-channel chains cut to 144) had, on
-#: real images, an error as large as the output itself where the model predicted about half of it, and scaling
-#: them lost 8 of 500 images; a cut at 1.2 / 1.3 / 1.4 / none (ImageNet sample, prune 0.5 + W8, top-1 / KL):
-#: EfficientNet-Lite0 0.466 / 1.577, 0.464 / 1.593, 0.452 / 1.637, 0.450 / 1.661 (none restored: 0.466 /
-#: 1.563), MobileNetV2 0.368 / 2.252, 0.378 / 2.219, 0.382 / 2.221, 0.374 / 2.227 (none: 0.332 / 2.527).
+#: `variance_restoring_scale` scales only outputs whose compensated prediction explains at least this share
+#: of their modelled variance (``Var[y'] >= share Var[y]``, k <= 1 / sqrt(share) = 1.29). Below it the
+#: prediction is too weak to be scaled up: on EfficientNet-Lite0 at prune 0.5 the outputs past that point
+#: (1152-channel chains cut to 144) had, on real images, an error as large as the output itself where the
+#: model predicted about half of it, and scaling them lost 8 of 500 images. Outputs with k above a cut left
+#: unscaled, cut 1.2 / 1.3 / 1.4 / none (ImageNet sample, prune 0.5 + W8, top-1 / KL): EfficientNet-Lite0
+#: 0.466 / 1.577, 0.464 / 1.593, 0.452 / 1.637, 0.450 / 1.661 (nothing scaled: 0.466 / 1.563), MobileNetV2
+#: 0.368 / 2.252, 0.378 / 2.219, 0.382 / 2.221, 0.374 / 2.227 (nothing scaled: 0.332 / 2.527).
 MIN_EXPLAINED_SHARE = 0.6
 
 

@@ -116,7 +116,8 @@ def prune_chain(ctx: PassContext, chain: Chain, plan=None) -> None:
     if method == "udfc" and options.restore_variance and statistics is not None:
         scale = variance_restoring_scale(error_taps(v_taps, tap_weights), statistics[1],
                                          error_taps(v_new, tap_weights), kept)
-        v_new, consumer_bias = rescale_about_mean(v_new, consumer_bias, statistics[0][kept], scale, tap_weights)
+        if np.any(scale != 1.0):
+            v_new, consumer_bias = rescale_about_mean(v_new, consumer_bias, statistics[0][kept], scale, tap_weights)
         record["variance_scale"] = {"mean": round(float(scale.mean()), 4), "max": round(float(scale.max()), 4)}
     write_layer(graph, consumer, v_new.reshape(consumer.rows.shape[0], -1, *consumer.rows.shape[2:]), consumer_bias)
     write_layer(graph, producer, producer.rows[kept], None if producer.bias is None else producer.bias[kept])
