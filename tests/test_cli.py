@@ -289,6 +289,14 @@ def test_no_validate_skips_onnxruntime(model_path, tmp_path):
     assert json.loads(rep.read_text())["validation"] is None
 
 
+def _run_with_flag(path, tmp_path, flag, *args):
+    """(report, output bytes) of `--prune 0.3 --no-validate` on `path` with `args` and the flag list `flag`."""
+    out, rep = tmp_path / f"o{len(flag)}.onnx", tmp_path / f"r{len(flag)}.json"
+    assert main([str(path), str(out), "--prune", "0.3", *args, "--no-validate", "-q", "--report", str(rep),
+                 *flag]) == 0
+    return json.loads(rep.read_text()), out.read_bytes()
+
+
 def test_no_merge_blend_reaches_the_folded_chains(tmp_path):
     from builders import fold_all_batchnorm
 
@@ -296,13 +304,10 @@ def test_no_merge_blend_reaches_the_folded_chains(tmp_path):
     onnx.save(fold_all_batchnorm(plain_chain(seed=3)), str(path))
     outputs = {}
     for flag in ([], ["--no-merge-blend"]):
-        out, rep = tmp_path / f"o{len(flag)}.onnx", tmp_path / f"r{len(flag)}.json"
-        assert main([str(path), str(out), "--prune", "0.3", "--no-validate", "-q", "--report", str(rep), *flag]) == 0
-        report = json.loads(rep.read_text())
+        report, outputs[bool(flag)] = _run_with_flag(path, tmp_path, flag)
         assert report["options"]["merge_blend"] is not bool(flag)
         notes = [n for layer in report["layers"] for n in layer.get("notes", []) if "Neuron Merging" in n]
         assert bool(notes) is not bool(flag)
-        outputs[bool(flag)] = out.read_bytes()
     assert outputs[True] != outputs[False]
 
 
@@ -314,10 +319,7 @@ def test_no_residual_share_reaches_the_allocation(tmp_path):
     onnx.save(model, str(path))
     removed = {}
     for flag in ([], ["--no-residual-share"]):
-        rep = tmp_path / f"r{len(flag)}.json"
-        assert main([str(path), str(tmp_path / f"o{len(flag)}.onnx"), "--prune", "0.3", "--channel-multiple", "1",
-                     "--no-validate", "-q", "--report", str(rep), *flag]) == 0
-        report = json.loads(rep.read_text())
+        report, _ = _run_with_flag(path, tmp_path, flag, "--channel-multiple", "1")
         assert report["options"]["residual_share"] is not bool(flag)
         removed[bool(flag)] = next(l["channels_before"] - l["channels_after"] for l in report["layers"]
                                    if l.get("consumer") == branch_consumer)
@@ -331,9 +333,7 @@ def test_no_restore_variance_keeps_the_solved_compensation(tmp_path):
     onnx.save(plain_chain(seed=4), str(path))
     runs = {}
     for flag in ([], ["--no-restore-variance"]):
-        rep, out = tmp_path / f"r{len(flag)}.json", tmp_path / f"o{len(flag)}.onnx"
-        assert main([str(path), str(out), "--prune", "0.3", "--no-validate", "-q", "--report", str(rep), *flag]) == 0
-        report = json.loads(rep.read_text())
+        report, output = _run_with_flag(path, tmp_path, flag)
         assert report["options"]["restore_variance"] is not bool(flag)
         pruned = [l for l in report["layers"] if l.get("channels_after", 0) < l.get("channels_before", 0)]
         assert pruned
@@ -342,7 +342,7 @@ def test_no_restore_variance_keeps_the_solved_compensation(tmp_path):
             assert scales == [None] * len(pruned)
         else:
             assert all(1.0 <= s["mean"] <= s["max"] <= 1.3 for s in scales) and any(s["max"] > 1.0 for s in scales)
-        runs[bool(flag)] = (out.read_bytes(), [l["pruned"] for l in pruned])
+        runs[bool(flag)] = (output, [l["pruned"] for l in pruned])
     assert runs[True][0] != runs[False][0] and runs[True][1] == runs[False][1]
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "apply_compensation",
     "MIN_EXPLAINED_SHARE",
     "variance_restoring_scale",
+    "tap_variances",
     "rescale_about_mean",
     "compensation_error",
 ]
@@ -269,10 +270,7 @@ def apply_compensation(V, S, t, tap_weights=None) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"S must be ({n}, K) and t ({n},), got {S.shape} and {t.shape}")
     v64 = V.astype(np.float64)
     v_new = np.moveaxis(np.tensordot(v64, S, axes=([1], [0])), -1, 1)
-    per_tap = v64.reshape(m, n, -1)
-    if tap_weights is not None:
-        per_tap = per_tap * np.asarray(tap_weights, np.float64).reshape(1, 1, -1)
-    bias_delta = per_tap.sum(axis=2) @ t
+    bias_delta = _tap_sums(v64, tap_weights) @ t
     dtype = V.dtype if np.issubdtype(V.dtype, np.floating) else np.float64
     return np.ascontiguousarray(v_new).astype(dtype), bias_delta
 
@@ -319,16 +317,17 @@ def variance_restoring_scale(v_taps, cov, v_new, kept, min_explained: float = MI
     m, n, t = v_taps.shape
     if v_new.shape != (m, kept.size, t):
         raise ValueError(f"v_new must be ({m}, {kept.size}, {t}), got {v_new.shape}")
-    var_y = _tap_variances(v_taps, cov)
-    var_kept = _tap_variances(v_new, cov[np.ix_(kept, kept)])
+    var_y = tap_variances(v_taps, cov)
+    var_kept = tap_variances(v_new, cov[np.ix_(kept, kept)])
     scale = np.ones(m)
     ok = (var_y > 0) & (var_kept >= min_explained * var_y) & (var_kept < var_y)
     scale[ok] = np.sqrt(var_y[ok] / var_kept[ok])
     return scale
 
 
-def _tap_variances(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    """(M,) ``sum_t V_t[m] cov V_t[m]^T`` for taps (M, C, T), cov (C, C): one (M*T, C) x (C, C) product."""
+def tap_variances(v_taps: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """(M,) ``sum_t V_t[m] cov V_t[m]^T`` for taps (M, C, T), cov (C, C): the variance of each output of a
+    layer whose taps read independent positions; one (M*T, C) x (C, C) product."""
     m, c, t = v_taps.shape
     rows = np.ascontiguousarray(v_taps.transpose(0, 2, 1)).reshape(m * t, c)
     return np.einsum("rc,rc->r", rows @ cov, rows).reshape(m, t).sum(axis=1)
@@ -350,12 +349,18 @@ def rescale_about_mean(v_new, bias, mean_kept, scale, tap_weights=None) -> tuple
     m, k = v_new.shape[:2]
     scale = np.asarray(scale, dtype=np.float64).reshape(m)
     bias = np.zeros(m) if bias is None else np.asarray(bias, dtype=np.float64).reshape(m)
-    per_tap = v_new.reshape(m, k, -1).astype(np.float64)
-    if tap_weights is not None:
-        per_tap = per_tap * np.asarray(tap_weights, np.float64).reshape(1, 1, -1)
-    mean_out = per_tap.sum(axis=2) @ np.asarray(mean_kept, dtype=np.float64).reshape(k) + bias
+    mean_out = _tap_sums(v_new, tap_weights) @ np.asarray(mean_kept, dtype=np.float64).reshape(k) + bias
     shape = (m,) + (1,) * (v_new.ndim - 1)
     return (v_new * scale.reshape(shape)).astype(v_new.dtype, copy=False), scale * bias + (1.0 - scale) * mean_out
+
+
+def _tap_sums(v: np.ndarray, tap_weights=None) -> np.ndarray:
+    """(M, N) float64 ``sum_t w_t V[:, :, t]`` of a weight (M, N, *taps) (w: tap coverage, None = all 1): the
+    output's response to a constant on each input channel."""
+    per_tap = v.reshape(v.shape[0], v.shape[1], -1).astype(np.float64, copy=False)
+    if tap_weights is not None:
+        per_tap = per_tap * np.asarray(tap_weights, np.float64).reshape(1, 1, -1)
+    return per_tap.sum(axis=2)
 
 
 def compensation_error(V, mean, cov, S, t, kept=None, spatial_rho: float = 0.0) -> float:

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from ..ir.layers import read_layer
+from ..numerics.compensation import tap_variances
 from ..numerics.moments import gaussian_activation_moments, gaussian_slope_power
 from ..numerics.selection import BackwardGreedy, allocate_greedily, effective_multiple
 from ..patterns.activations import activation_of
@@ -69,8 +70,8 @@ def normalised_gram(v_taps: np.ndarray, cov: np.ndarray, share: Optional[np.ndar
     rows ``V[m, :, t]``.
     """
     m, n, t = v_taps.shape
+    var_y = tap_variances(v_taps, cov)
     rows = np.ascontiguousarray(v_taps.transpose(0, 2, 1)).reshape(m * t, n)
-    var_y = np.einsum("rn,rn->r", rows @ cov, rows).reshape(m, t).sum(axis=1)
     weight = 1.0 / (m * floored_variance(var_y))
     if share is not None:
         weight *= share
